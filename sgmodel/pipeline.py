@@ -1,0 +1,334 @@
+"""SceneGraphDiffusionPipeline: scene graphs in, images out, as a diffusers ``DiffusionPipeline``.
+
+Works in latent space with a VAE (Stable Diffusion) or in pixel space without one (the project's
+small demo models). Each image has its own seed and its own noise generator, so the same
+(graph, seed) gives the same image whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from sgmodel.conditioning import Condition, SceneGraphConditioner, concat_conditions, encode_graphs
+from sgmodel.encoder import SceneGraphEncoder
+from sgmodel.graph import SceneGraph, SceneGraphError, derive_seed, parse_graph
+from sgmodel.text import TextEmbedder
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+MAX_SEED = 2**63
+
+
+@dataclass
+class SceneGraphPipelineOutput(BaseOutput):
+    images: Any
+    """PIL images, a float array [B, H, W, 3] in [0, 1], or a tensor [B, 3, H, W] in [0, 1]."""
+    seeds: list[int]
+    """The seed of each image, in output order (graph-major: graph 0's images first)."""
+
+
+class SceneGraphDiffusionPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->graph_encoder->conditioner->unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        text_encoder,
+        tokenizer,
+        graph_encoder: SceneGraphEncoder,
+        conditioner: SceneGraphConditioner,
+        vae=None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            graph_encoder=graph_encoder,
+            conditioner=conditioner,
+            vae=vae,
+        )
+        self._text_embedder: TextEmbedder | None = None
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> SceneGraphDiffusionPipeline:
+        pipe = super().from_pretrained(*args, **kwargs)
+        for name in ("unet", "vae", "text_encoder", "graph_encoder", "conditioner"):
+            module = getattr(pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                realign_parameters(module)
+        return pipe
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def text_embedder(self) -> TextEmbedder:
+        """The cached label/predicate embedder over this pipeline's text model (built once)."""
+        if self._text_embedder is None or self._text_embedder.text_encoder is not self.text_encoder:
+            self._text_embedder = TextEmbedder(
+                self.text_encoder, self.tokenizer, pooling=self.conditioner.config.text_pooling
+            )
+        return self._text_embedder
+
+    @property
+    def vae_scale_factor(self) -> int:
+        vae = getattr(self, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    @property
+    def size_multiple(self) -> int:
+        """Height/width must be multiples of this (VAE downsampling times UNet downsampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def encode(self, graphs: Sequence[SceneGraph]) -> Condition:
+        return encode_graphs(graphs, self.text_embedder, self.graph_encoder, self.conditioner)
+
+    @staticmethod
+    def default_seeds(graphs: Sequence[SceneGraph], num_images_per_graph: int, base_seed: int = 0) -> list[int]:
+        """A graph's own ``seed`` (then +k per extra image), else one derived from (base, id, k)."""
+        out = []
+        for g in graphs:
+            for k in range(num_images_per_graph):
+                out.append((g.seed + k) % MAX_SEED if g.seed is not None else derive_seed(base_seed, g.id, k))
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def check_inputs(
+        self,
+        graphs: Any,
+        num_inference_steps: Any,
+        guidance_scale: Any,
+        height: Any,
+        width: Any,
+        seeds: Any,
+        num_images_per_graph: Any,
+        output_type: Any,
+    ) -> list[SceneGraph]:
+        """Reject bad arguments with a ValueError that quotes them; returns the graphs as SceneGraphs."""
+        if isinstance(graphs, (SceneGraph, Mapping)):
+            graphs = [graphs]
+        if not isinstance(graphs, Sequence) or isinstance(graphs, (str, bytes)) or len(graphs) == 0:
+            raise ValueError(f"`graphs` must be a non-empty list of SceneGraph or contract rows, got {graphs!r}")
+        parsed = []
+        for i, g in enumerate(graphs):
+            if isinstance(g, SceneGraph):
+                parsed.append(g)
+            elif isinstance(g, Mapping):
+                try:
+                    parsed.append(parse_graph(g))
+                except SceneGraphError as err:
+                    raise ValueError(f"`graphs[{i}]` is not a valid scene graph: {err}") from err
+            else:
+                raise ValueError(f"`graphs[{i}]` must be a SceneGraph or a mapping, got {type(g).__name__}: {g!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
+            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}")
+        multiple = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+                raise ValueError(f"`{name}` must be a positive multiple of {multiple}, got {value!r}")
+        if isinstance(num_images_per_graph, bool) or not isinstance(num_images_per_graph, int) or num_images_per_graph < 1:
+            raise ValueError(f"`num_images_per_graph` must be an integer >= 1, got {num_images_per_graph!r}")
+        if seeds is not None:
+            expected = len(parsed) * num_images_per_graph
+            if not isinstance(seeds, Sequence) or len(seeds) != expected:
+                raise ValueError(
+                    f"`seeds` must list one seed per image ({len(parsed)} graphs x {num_images_per_graph} = "
+                    f"{expected}), got {seeds!r}"
+                )
+            for s in seeds:
+                if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) < MAX_SEED:
+                    raise ValueError(f"`seeds` must be integers in [0, 2**63), got {s!r} in {list(seeds)!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        return parsed
+
+    # ------------------------------------------------------------------ sampling
+    def prepare_latents(self, seeds: Sequence[int], height: int, width: int, dtype, device) -> torch.Tensor:
+        """One CPU generator per image, so noise is the same on any device and in any batch."""
+        shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> images in [0, 1], [B, 3, H, W] float32."""
+        if self.vae is not None:
+            latents = latents / self.vae.config.scaling_factor
+            images = self.vae.decode(latents.to(self.vae.dtype)).sample
+        else:
+            images = latents
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def to_output(images: torch.Tensor, output_type: str):
+        if output_type == "pt":
+            return images.cpu()
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        graphs: Sequence[SceneGraph] | Sequence[Mapping],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.0,
+        height: int | None = None,
+        width: int | None = None,
+        seeds: Sequence[int] | None = None,
+        num_images_per_graph: int = 1,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> SceneGraphPipelineOutput | tuple:
+        # 0. Defaults and validation.
+        height = height or self.default_size
+        width = width or self.default_size
+        graphs = self.check_inputs(
+            graphs, num_inference_steps, guidance_scale, height, width, seeds, num_images_per_graph, output_type
+        )
+        seeds = [int(s) for s in seeds] if seeds is not None else self.default_seeds(graphs, num_images_per_graph)
+        device = self._execution_device
+        dtype = self.unet.dtype
+        do_cfg = guidance_scale > 1.0
+
+        # 1. Encode the graphs once; repeat the condition for each image of a graph.
+        cond = self.encode(graphs)
+        rows = torch.arange(len(graphs), device=cond.context.device).repeat_interleave(num_images_per_graph)
+        cond = cond.index(rows)
+        batch = cond.context.shape[0]
+        if do_cfg:
+            cond = concat_conditions(cond, self.conditioner.null_condition(batch))
+        unet_kwargs = {k: _cast(v, dtype) for k, v in cond.unet_kwargs().items()}
+
+        # 2. Timesteps and initial noise (one generator per image).
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self.prepare_latents(seeds, height, width, dtype, device)
+        generators = [torch.Generator("cpu").manual_seed(int(s) ^ 0x5DEECE66D) for s in seeds]
+
+        # 3. Denoise: cond and uncond go through the UNet in one batched forward.
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, **unet_kwargs).sample
+            if do_cfg:
+                cond_pred, uncond_pred = noise_pred.chunk(2)
+                noise_pred = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
+            latents = self.scheduler.step(noise_pred, t, latents, generator=generators).prev_sample
+
+        # 4. Decode and convert.
+        images = self.to_output(self.decode(latents), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, seeds
+        return SceneGraphPipelineOutput(images=images, seeds=seeds)
+
+    # ------------------------------------------------------------------ assembling from Stable Diffusion
+    @classmethod
+    def from_stable_diffusion(
+        cls,
+        path_or_id: str,
+        conditioning: str = "tokens",
+        graph_dim: int = 512,
+        hidden_dim: int = 512,
+        num_layers: int = 5,
+        projection_dim: int | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **load_kwargs,
+    ) -> SceneGraphDiffusionPipeline:
+        """A diffusers Stable Diffusion folder or hub id + a fresh graph encoder and conditioner.
+
+        With ``conditioning="gated"`` the UNet is rebuilt with GLIGEN gated self-attention; its
+        gates start at zero, so until trained it computes exactly what the original UNet did.
+        """
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        if conditioning not in ("tokens", "gated"):
+            raise ValueError(f"`conditioning` must be 'tokens' or 'gated', got {conditioning!r}")
+        kw = dict(load_kwargs, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", torch_dtype=torch_dtype, **kw)
+        if conditioning == "gated":
+            unet = add_gated_attention(unet)
+        vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", torch_dtype=torch_dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **load_kwargs)
+        scheduler = DDIMScheduler.from_pretrained(path_or_id, subfolder="scheduler", **load_kwargs)
+        text_dim = text_encoder.config.hidden_size
+        cross_dim = unet.config.cross_attention_dim
+        graph_encoder = SceneGraphEncoder(
+            text_dim=text_dim, graph_dim=graph_dim, hidden_dim=hidden_dim, num_layers=num_layers,
+            projection_dim=projection_dim,
+        )
+        conditioner = SceneGraphConditioner(
+            mode=conditioning, text_dim=text_dim, graph_dim=graph_dim, cross_attention_dim=cross_dim,
+            hidden_dim=hidden_dim, text_pooling="eos",
+        )
+        if torch_dtype is not None:
+            graph_encoder.to(torch_dtype)
+            conditioner.to(torch_dtype)
+        for frozen in (vae, text_encoder):
+            frozen.requires_grad_(False)
+        return cls(
+            unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+            graph_encoder=graph_encoder, conditioner=conditioner, vae=vae,
+        )
+
+
+def add_gated_attention(unet):
+    """Rebuild a UNet2DConditionModel with GLIGEN gated self-attention, keeping every original weight.
+
+    The new layers (``fuser`` per transformer block, ``position_net``) start with zero gates, so the
+    output equals the original UNet's until they are trained.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if unet.config.attention_type == "gated":
+        return unet
+    # (an edited config dict is ignored by from_config; the override must be a keyword)
+    gated = UNet2DConditionModel.from_config(unet.config, attention_type="gated").to(device=unet.device, dtype=unet.dtype)
+    missing, unexpected = gated.load_state_dict(unet.state_dict(), strict=False)
+    new_only = all(".fuser." in k or k.startswith("position_net.") for k in missing)
+    if unexpected or not new_only:
+        raise RuntimeError(f"gated UNet does not match the base UNet: missing={missing}, unexpected={unexpected}")
+    return gated
+
+
+def realign_parameters(module: torch.nn.Module) -> None:
+    """Copy weights that safetensors memory-mapped at arbitrary offsets into fresh allocations.
+
+    CPU kernels pick code paths by memory alignment, so unaligned weights give outputs that differ
+    from the saved model's in the last bits; after this, a reloaded model reproduces images exactly.
+    """
+    with torch.no_grad():
+        for sub in module.modules():
+            for _, param in sub.named_parameters(recurse=False):
+                param.data = param.data.clone()
+            for name, buf in sub.named_buffers(recurse=False):
+                if buf is not None:
+                    setattr(sub, name, buf.clone())
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value

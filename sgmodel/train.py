@@ -1,0 +1,330 @@
+"""One training step of a scene-graph diffusion model, usable in-process and under DeepSpeed.
+
+``DiffusionTrainingModule`` is an ``nn.Module`` whose forward takes (graphs, images) and returns
+the loss terms, so ``deepspeed.initialize(model=module, …)`` wraps it as is. Only the parts that
+train are registered as submodules; frozen parts (VAE, frozen text encoder, frozen UNet, the
+image encoder) are held outside the module tree, so ZeRO-3 never partitions them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgmodel.conditioning import encode_graphs
+from sgmodel.graph import SceneGraph
+from sgmodel.losses import (
+    AlignmentDiscriminator,
+    LossTerms,
+    adversarial_losses,
+    combine_losses,
+    contrastive_alignment_loss,
+    mmd_loss,
+    reconstruction_loss,
+)
+from sgmodel.pipeline import SceneGraphDiffusionPipeline
+from sgmodel.text import TextEmbedder
+
+logger = logging.getLogger(__name__)
+
+Trainable = Literal["conditioning", "unet", "lora", "all"]
+TRAINABLE = ("conditioning", "unet", "lora", "all")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    trainable: Trainable = "conditioning"
+    """conditioning: graph encoder + conditioner (+ gated layers); unet: also the whole UNet;
+    lora: conditioning + LoRA adapters on the UNet's attention; all: everything incl. the text encoder
+    (models trained from scratch, like the shapes demo)."""
+    cond_dropout: float = 0.1
+    """Probability of replacing a sample's condition by the null tokens (classifier-free guidance)."""
+    lambda_recon: float = 1.0
+    """λ in λ·recon + (1−λ)(β·CLIP + (1−β)·MMD); 1 disables alignment."""
+    beta_clip: float = 0.5
+    """β: share of the contrastive term within the alignment loss."""
+    adversarial_weight: float = 0.0
+    """Weight of the GAN-style embedding alignment (0 = off)."""
+    layout_weight: float = 1.0
+    """Weight of the layout head's L1 box loss (gated conditioning, objects with boxes)."""
+    lora_rank: int = 8
+    """Rank of the LoRA adapters (trainable='lora')."""
+    snr_gamma: float | None = None
+    """Min-SNR loss weighting γ (None = plain MSE)."""
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        for name in ("cond_dropout", "lambda_recon", "beta_clip"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+        if self.adversarial_weight < 0 or self.layout_weight < 0:
+            raise ValueError("adversarial_weight and layout_weight must be >= 0")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank!r}")
+
+
+def configure_trainable(pipe: SceneGraphDiffusionPipeline, config: TrainConfig) -> None:
+    """Set requires_grad on the pipeline's modules for ``config.trainable`` (adds LoRA adapters if asked)."""
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae, pipe.graph_encoder, pipe.conditioner):
+        if module is not None:
+            module.requires_grad_(False)
+    pipe.graph_encoder.requires_grad_(True)
+    pipe.conditioner.requires_grad_(True)
+    if config.trainable in ("unet", "all"):
+        pipe.unet.requires_grad_(True)
+    if config.trainable == "all":
+        pipe.text_encoder.requires_grad_(True)
+    if config.trainable == "lora":
+        from peft import LoraConfig
+
+        if not getattr(pipe.unet, "peft_config", None):
+            pipe.unet.add_adapter(
+                LoraConfig(
+                    r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
+                    target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                )
+            )
+        for name, param in pipe.unet.named_parameters():
+            param.requires_grad_("lora_" in name)
+    if pipe.unet.config.attention_type == "gated":  # the GLIGEN layers are part of the conditioning
+        for name, param in pipe.unet.named_parameters():
+            if ".fuser." in name or name.startswith("position_net."):
+                param.requires_grad_(True)
+
+
+def merge_lora(unet: nn.Module) -> nn.Module:
+    """Fold LoRA adapters into the base weights and drop them: a plain UNet for generation."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            setattr(parent, child, module.get_base_layer())
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+    unet._hf_peft_config_loaded = False
+    return unet
+
+
+class _Frozen:
+    """Holds modules without registering them (kept out of optimizers, state dicts and ZeRO-3)."""
+
+    def __init__(self, **modules) -> None:
+        self.__dict__.update(modules)
+
+
+class DiffusionTrainingModule(nn.Module):
+    """forward(graphs, images) -> LossTerms. Images are [B, 3, H, W] in [-1, 1]."""
+
+    def __init__(
+        self,
+        pipe: SceneGraphDiffusionPipeline,
+        config: TrainConfig,
+        image_encoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        configure_trainable(pipe, config)
+        self.config = config
+        self.graph_encoder = pipe.graph_encoder
+        self.conditioner = pipe.conditioner
+        unet_trains = any(p.requires_grad for p in pipe.unet.parameters())
+        text_trains = any(p.requires_grad for p in pipe.text_encoder.parameters())
+        if unet_trains:
+            self.unet = pipe.unet
+        if text_trains:
+            self.text_encoder = pipe.text_encoder
+        if config.adversarial_weight > 0:
+            if pipe.graph_encoder.projection is None:
+                raise ValueError("adversarial alignment needs a graph encoder built with projection_dim")
+            self.discriminator = AlignmentDiscriminator(pipe.graph_encoder.config.projection_dim)
+        self.frozen = _Frozen(
+            unet=None if unet_trains else pipe.unet,
+            text_encoder=None if text_trains else pipe.text_encoder,
+            vae=pipe.vae,
+            image_encoder=image_encoder,
+        )
+        if image_encoder is not None:
+            image_encoder.requires_grad_(False).eval()
+        self.text = TextEmbedder(pipe.text_encoder, pipe.tokenizer, pooling=pipe.conditioner.config.text_pooling)
+        self.text_trains = text_trains
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.uses_alignment = config.lambda_recon < 1.0 or config.adversarial_weight > 0
+        if self.uses_alignment and image_encoder is None:
+            raise ValueError("lambda_recon < 1 or adversarial_weight > 0 needs an image encoder (CLIP vision model)")
+
+    def _unet(self) -> nn.Module:
+        return self.unet if hasattr(self, "unet") else self.frozen.unet
+
+    @torch.no_grad()
+    def _to_latents(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        vae = self.frozen.vae
+        if vae is None:
+            return images
+        dist = vae.encode(images.to(vae.dtype)).latent_dist
+        return dist.sample(generator=generator) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        enc = self.frozen.image_encoder
+        size = int(getattr(enc.config, "image_size", 224))
+        x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bilinear", align_corners=False)
+        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+        x = ((x - mean) / std).to(next(enc.parameters()).dtype)
+        return enc(pixel_values=x).image_embeds
+
+    def forward(
+        self, graphs: Sequence[SceneGraph], images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> LossTerms:
+        """graphs (B), images [B, 3, H, W] in [-1, 1] -> LossTerms (scalars)."""
+        unet = self._unet()
+        device = next(self.graph_encoder.parameters()).device
+        images = images.to(device)
+        batch = images.shape[0]
+        if len(graphs) != batch:
+            raise ValueError(f"got {len(graphs)} graphs for {batch} images")
+
+        # 1. Condition, with some rows dropped to the null tokens for classifier-free guidance.
+        cond = encode_graphs(graphs, self.text, self.graph_encoder, self.conditioner, train_text_encoder=self.text_trains)
+        drop = torch.rand(batch, generator=generator, device="cpu").to(device) < self.config.cond_dropout
+        unet_cond = self.conditioner.drop(cond, drop)
+
+        # 2. Noise a random timestep and predict.
+        latents = self._to_latents(images, generator)
+        noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (batch,), generator=generator, device="cpu").to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        kwargs = unet_cond.unet_kwargs()
+        dtype = unet.dtype
+        kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()}
+        if "cross_attention_kwargs" in kwargs:
+            kwargs["cross_attention_kwargs"] = {
+                "gligen": {k: v.to(dtype) for k, v in kwargs["cross_attention_kwargs"]["gligen"].items()}
+            }
+        pred = unet(noisy.to(dtype), t, **kwargs).sample
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        recon = reconstruction_loss(pred, target, self._snr_weights(t))
+
+        # 3. Alignment of the global graph vector with the image embedding (optional).
+        clip = mmd = adv = None
+        extra = recon.new_zeros(())
+        if self.uses_alignment:
+            image_emb = self._image_embeddings(images)
+            graph_emb = self.graph_encoder.project(cond.global_)
+            clip = contrastive_alignment_loss(graph_emb, image_emb)
+            mmd = mmd_loss(graph_emb, image_emb)
+            if self.config.adversarial_weight > 0:
+                d_loss, g_loss = adversarial_losses(self.discriminator, graph_emb, image_emb)
+                adv = d_loss + g_loss
+                extra = extra + self.config.adversarial_weight * adv
+        total = combine_losses(recon, clip, mmd, self.config.lambda_recon, self.config.beta_clip)
+
+        # 4. Layout head: L1 against the boxes the graphs do have (gated conditioning).
+        layout = None
+        if cond.predicted_boxes is not None and self.config.layout_weight > 0:
+            boxes = [o.box for g in graphs for o in g.objects]
+            has = torch.tensor([b is not None for b in boxes], device=device)
+            if bool(has.any()):
+                gt = torch.tensor([b if b is not None else (0.0,) * 4 for b in boxes], device=device)
+                layout = F.l1_loss(cond.predicted_boxes[has].float(), gt[has])
+                extra = extra + self.config.layout_weight * layout
+        return LossTerms(total=total + extra, recon=recon, clip=clip, mmd=mmd, adversarial=adv, layout=layout)
+
+    def _snr_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        gamma = self.config.snr_gamma
+        if gamma is None:
+            return None
+        alphas = self.noise_scheduler.alphas_cumprod.to(t.device)[t]
+        snr = alphas / (1 - alphas)
+        weights = torch.minimum(snr, torch.full_like(snr, gamma)) / snr
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            weights = weights * snr / (snr + 1)
+        return weights
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+@dataclass
+class StepLog:
+    step: int
+    losses: dict[str, float]
+    lr: float
+    samples_per_s: float
+
+
+def fit(
+    module: DiffusionTrainingModule,
+    batches: Iterator[tuple[Sequence[SceneGraph], torch.Tensor]],
+    steps: int,
+    lr: float = 1e-4,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 0,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+    ema_decay: float | None = None,
+    log_every: int = 50,
+    on_log: Callable[[StepLog], None] | None = None,
+    start_step: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[torch.optim.Optimizer, object | None]:
+    """A plain in-process training loop (AdamW, cosine decay after warmup, grad clipping, optional EMA).
+
+    Returns the optimizer and the EMA model (diffusers ``EMAModel``) so callers can checkpoint them.
+    """
+    from diffusers.training_utils import EMAModel
+
+    params = trainable_parameters(module)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True) if ema_decay else None
+
+    def lr_at(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    generator = torch.Generator("cpu").manual_seed(seed + start_step)
+    module.train()
+    window_start, window_samples = time.perf_counter(), 0
+    for step in range(start_step, steps):
+        graphs, images = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        losses = module(graphs, images, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.step(params)
+        window_samples += len(graphs)
+        if on_log and ((step + 1) % log_every == 0 or step + 1 == steps):
+            elapsed = time.perf_counter() - window_start
+            on_log(StepLog(step + 1, losses.as_floats(), lr_at(step), window_samples / max(elapsed, 1e-9)))
+            window_start, window_samples = time.perf_counter(), 0
+    module.eval()
+    return optimizer, ema

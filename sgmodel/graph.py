@@ -93,6 +93,15 @@ class SceneGraphError(ValueError):
         return str(self)
 
 
+def _is_utf8(text: str) -> bool:
+    """Arrow strings are UTF-8; JSON escapes like "\\ud800" decode to lone surrogates that are not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _short(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -101,6 +110,8 @@ def _short(value: Any, limit: int = 120) -> str:
 def _check_text(row_id: Any, name: str, value: Any, limits: ValidationLimits) -> str:
     if not isinstance(value, str):
         raise SceneGraphError(row_id, name, value, "must be a string", "bad_type")
+    if not _is_utf8(value):
+        raise SceneGraphError(row_id, name, value, "is not valid Unicode (lone surrogate)", "bad_text")
     if not value.strip():
         raise SceneGraphError(row_id, name, value, "must not be empty", "empty_text")
     if len(value) > limits.max_text_chars:
@@ -119,7 +130,10 @@ def _check_box(row_id: Any, name: str, value: Any) -> Box | None:
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise SceneGraphError(row_id, name, value, "must be 4 numbers x0, y0, x1, y1", "bad_box")
-        coords.append(float(v))
+        try:
+            coords.append(float(v))
+        except OverflowError:  # an int too large for a float
+            raise SceneGraphError(row_id, name, value, "has infinite coordinates", "box_not_finite") from None
     if not all(math.isfinite(c) for c in coords):
         raise SceneGraphError(row_id, name, value, "has NaN or infinite coordinates", "box_not_finite")
     if not all(0.0 <= c <= 1.0 for c in coords):
@@ -148,6 +162,8 @@ def _check_id(value: Any, limits: ValidationLimits) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise SceneGraphError(value, "id", value, "must be a string", "bad_id")
     text = str(value)
+    if not _is_utf8(text):
+        raise SceneGraphError(value, "id", value, "is not valid Unicode (lone surrogate)", "bad_id")
     if not text.strip():
         raise SceneGraphError(value, "id", value, "must not be empty", "bad_id")
     if len(text) > limits.max_id_chars:
@@ -216,6 +232,8 @@ def parse_graph(row: Mapping[str, Any], limits: ValidationLimits = DEFAULT_LIMIT
     caption = row.get("caption")
     if caption is not None and not isinstance(caption, str):
         raise SceneGraphError(row_id, "caption", caption, "must be a string or null", "bad_type")
+    if caption is not None and not _is_utf8(caption):
+        raise SceneGraphError(row_id, "caption", caption, "is not valid Unicode (lone surrogate)", "bad_text")
     image = row.get("image")
     if image is not None and not isinstance(image, (bytes, bytearray, memoryview)):
         raise SceneGraphError(row_id, "image", _short(image, 40), "must be encoded image bytes or null", "bad_type")

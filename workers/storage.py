@@ -49,6 +49,13 @@ class StorageSettings:
     retries: int = 5
     """Retry attempts for S3 calls (boto3 'standard' mode and pyarrow's retry strategy)."""
 
+    def __post_init__(self) -> None:
+        # boto3 needs a scheme; without this check a bare "host:port" fails later, far from its cause.
+        if self.endpoint_url is not None and urlparse(self.endpoint_url).scheme not in ("http", "https"):
+            raise ValueError(f"endpoint_url must start with http:// or https://, got {self.endpoint_url!r}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries!r}")
+
     @classmethod
     def from_env(cls, **overrides) -> StorageSettings:
         env = os.environ
@@ -128,9 +135,15 @@ class Storage:
         os.replace(tmp, path)  # atomic: a reader never sees half a file
 
     def read_bytes(self, uri: str) -> bytes:
+        """The object's bytes; a missing object raises FileNotFoundError for local paths and S3 alike."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            if not key:
+                raise IsADirectoryError(f"{uri!r} is a bucket, not an object")
+            try:
+                return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except self.s3.exceptions.NoSuchKey:
+                raise FileNotFoundError(f"no such S3 object: {uri!r}") from None
         return Path(uri).read_bytes()
 
     def write_text(self, uri: str, text: str) -> None:
@@ -142,6 +155,8 @@ class Storage:
     def exists(self, uri: str) -> bool:
         if is_s3(uri):
             bucket, key = split_s3(uri)
+            if not key:
+                return False  # a bucket is not an object (and head_object rejects an empty key)
             try:
                 self.s3.head_object(Bucket=bucket, Key=key)
                 return True

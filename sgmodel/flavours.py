@@ -55,6 +55,7 @@ def build_pipeline(
     conditioning: str = "tokens",
     seed: int = 0,
     projection_dim: int | None = None,
+    use_caption: bool = True,
 ) -> SceneGraphDiffusionPipeline:
     """A fresh pixel-space pipeline of the given flavour whose tokenizer knows ``vocabulary``'s words."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -106,6 +107,7 @@ def build_pipeline(
     conditioner = SceneGraphConditioner(
         mode=conditioning, text_dim=f.text_dim, graph_dim=f.graph_dim, cross_attention_dim=f.cross_attention_dim,
         hidden_dim=f.hidden_dim, text_pooling="mean", max_grounding_tokens=8,
+        use_caption=use_caption,
     )
     for module in (unet, text_encoder, encoder, conditioner):
         module.eval()  # as from_pretrained leaves them; training code switches to train() itself

@@ -288,22 +288,27 @@ def fit(
     on_log: Callable[[StepLog], None] | None = None,
     start_step: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
+    ema=None,
+    total_steps: int | None = None,
 ) -> tuple[torch.optim.Optimizer, object | None]:
     """A plain in-process training loop (AdamW, cosine decay after warmup, grad clipping, optional EMA).
 
-    Returns the optimizer and the EMA model (diffusers ``EMAModel``) so callers can checkpoint them.
+    Trains steps ``start_step … steps-1``; to continue a run in chunks pass back the returned
+    optimizer and EMA model (diffusers ``EMAModel``) and the run's ``total_steps`` (LR schedule).
     """
     from diffusers.training_utils import EMAModel
 
     params = trainable_parameters(module)
+    total = total_steps or steps
     if optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True) if ema_decay else None
+    if ema is None and ema_decay:
+        ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True)
 
     def lr_at(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return lr * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     generator = torch.Generator("cpu").manual_seed(seed + start_step)

@@ -95,6 +95,9 @@ def _read_annotations(source: Source, name: str | None, stats: Counter, chunk_si
     with open_source(source) as handle:
         stream = JSONStream(handle, source_name(source, name), chunk_size)
         for key, value in stream.iter_members(stream_keys=("images", "annotations")):
+            if key in ("images", "annotations") and not isinstance(value, (list, Iterator)):
+                stats[f"{key}_not_a_list"] += 1  # not COCO: nothing to read from this member
+                continue
             if key == "images":
                 for entry in value:
                     image = _image(entry)

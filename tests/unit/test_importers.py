@@ -512,3 +512,12 @@ def test_coco_invalid_json(tmp_path):
     assert item.code == "invalid_json"
     pos = text.index(",,") + 1
     assert "instances.json" in str(item) and f"line 1 column {pos + 1} (char {pos})" in str(item)
+
+
+def test_coco_wrong_shapes_do_not_crash(tmp_path):
+    stats: Counter = Counter()
+    path = write_json(tmp_path / "odd.json", {"images": 5, "annotations": {"a": 1}, "categories": "x"})
+    assert list(iter_coco(path, stats=stats)) == []
+    assert stats == Counter({"images_not_a_list": 1, "annotations_not_a_list": 1})
+    (item,) = list(iter_coco(write_json(tmp_path / "list.json", [1, 2])))
+    assert item.code == "invalid_json" and "Expecting '{'" in str(item)

@@ -175,3 +175,45 @@ def test_sg2im_importer_yields_one_item_per_element(elements):
     assert all(isinstance(item, (SceneGraph, SceneGraphError)) for item in items)
     good = [item for item in items if isinstance(item, SceneGraph)]
     assert isinstance(graphs_to_table(good), pa.Table)
+
+
+vg_value = st.one_of(st.integers(-5, 400), st.floats(allow_nan=False, allow_infinity=False), json_like)
+vg_object = st.one_of(
+    st.fixed_dictionaries(
+        {"object_id": st.one_of(st.integers(0, 4), json_like)},
+        optional={"x": vg_value, "y": vg_value, "w": vg_value, "h": vg_value,
+                  "names": st.one_of(st.lists(text, max_size=2), json_like), "attributes": json_like},
+    ),
+    json_like,
+)
+vg_relationship = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={"predicate": st.one_of(text, json_like), "subject_id": st.one_of(st.integers(0, 4), json_like),
+                  "object_id": st.one_of(st.integers(0, 4), json_like),
+                  "subject": st.fixed_dictionaries({"object_id": st.integers(0, 4)})},
+    ),
+    json_like,
+)
+vg_image = st.one_of(
+    st.fixed_dictionaries(
+        {"image_id": st.one_of(st.integers(0, 10**6), json_like)},
+        optional={"objects": st.one_of(st.lists(vg_object, max_size=6), json_like),
+                  "relationships": st.one_of(st.lists(vg_relationship, max_size=6), json_like),
+                  "width": vg_value, "height": vg_value},
+    ),
+    json_like,
+)
+
+
+@SETTINGS
+@given(st.lists(vg_image, max_size=5))
+def test_visual_genome_importer_yields_one_item_per_image(images):
+    from sgmodel.data.visual_genome import VGOptions, iter_visual_genome
+
+    options = VGOptions(min_object_size=0, min_objects_per_image=1, min_relations_per_image=0, min_image_size=0)
+    doc = json.dumps(images).encode()
+    items = list(iter_visual_genome(io.BytesIO(doc), options=options, limits=LIMITS))
+    assert len(items) == len(images)
+    assert all(isinstance(item, (SceneGraph, SceneGraphError)) for item in items)
+    graphs_to_table([item for item in items if isinstance(item, SceneGraph)])

@@ -2,8 +2,8 @@
 
 Every subcommand streams its input through an importer (``sgmodel.data``) into
 :class:`GraphShardWriter`, which writes ``{output}/part-00000.parquet …`` (GRAPH_SCHEMA plus any
-extra columns the importer supplies), ``{output}/errors.parquet`` (id, reason, code) and, last,
-``{output}/summary.json``. Nothing is lost: every input row is either written or in the error
+extra columns the importer supplies), ``{output}/_errors.parquet`` (id, reason, code) and, last,
+``{output}/_summary.json``. Nothing is lost: every input row is either written or in the error
 table, and the summary counts both (rows_read == rows_written + rows_rejected). Output goes to a
 local folder or ``s3://`` through :class:`workers.storage.Storage`.
 
@@ -40,8 +40,8 @@ from sgmodel.graph import (
 )
 from workers.storage import Storage, StorageSettings, is_s3, join
 
-ERRORS_FILE = "errors.parquet"
-SUMMARY_FILE = "summary.json"
+ERRORS_FILE = "_errors.parquet"  # leading "_": readers of the folder (generate, Spark, Arrow) skip it
+SUMMARY_FILE = "_summary.json"
 SHARD_PATTERN = re.compile(r"^part-(\d{5,})\.parquet$")
 ERROR_TABLE_SCHEMA = ERROR_SCHEMA.append(pa.field("code", pa.string()))
 """The error contract (id, reason) plus the machine-readable reason code the summary counts."""
@@ -61,7 +61,7 @@ class PrepareConfig:
     """Options every prepare subcommand shares."""
 
     output: str = ""
-    """Output folder, a local path or s3://bucket/prefix (part-*.parquet, errors.parquet, summary.json)."""
+    """Output folder, a local path or s3://bucket/prefix (part-*.parquet, _errors.parquet, _summary.json)."""
     rows_per_shard: int = 1000
     """Scene graphs per Parquet file."""
     max_text_chars: int = 128
@@ -481,7 +481,7 @@ def _inputs(config: PrepareConfig) -> dict[str, str | None]:
 
 
 def prepare(config: PrepareConfig, storage: Storage | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Run one prepare job end to end and return its summary (also written to summary.json)."""
+    """Run one prepare job end to end and return its summary (also written to _summary.json)."""
     storage = storage or Storage(StorageSettings.from_env(endpoint_url=config.endpoint_url, region=config.region))
     fmt = SUBCOMMAND_OF[type(config)]
     started = time.perf_counter()

@@ -35,6 +35,10 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def _hidden(uri: str) -> bool:
+    return posixpath.basename(uri).startswith(("_", "."))
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI/path parts with '/' (local paths too: the project runs on POSIX)."""
     return posixpath.join(base.rstrip("/") if base != "/" else base, *parts)
@@ -221,7 +225,11 @@ class Storage:
 
     # -- inputs
     def expand_input(self, uri: str, suffix: str = ".parquet") -> list[str]:
-        """A file, a folder (every ``*suffix`` below it) or a glob, local or s3://; sorted, never empty."""
+        """A file, a folder (every ``*suffix`` below it) or a glob, local or s3://; sorted, never empty.
+
+        In folders, files whose name starts with ``_`` or ``.`` (side tables such as prepare's
+        ``_errors.parquet``) are not inputs, as for Spark and Arrow datasets.
+        """
         if is_s3(uri):
             bucket, key = split_s3(uri)
             if any(ch in key for ch in "*?["):
@@ -230,11 +238,11 @@ class Storage:
             elif self.exists(uri):
                 found = [uri]
             else:
-                found = [u for u in self.list(uri) if u.endswith(suffix)]
+                found = [u for u in self.list(uri) if u.endswith(suffix) and not _hidden(u)]
         elif any(ch in uri for ch in "*?["):
             found = sorted(p for p in globlib.glob(uri, recursive=True) if os.path.isfile(p))
         elif os.path.isdir(uri):
-            found = [u for u in self.list(uri) if u.endswith(suffix)]
+            found = [u for u in self.list(uri) if u.endswith(suffix) and not _hidden(u)]
         else:
             found = [uri] if os.path.isfile(uri) else []
         if not found:

@@ -36,11 +36,11 @@ def test_prepare_to_s3_reads_back_with_boto3_and_pyarrow(s3_bucket, capsys):
     client = s3_bucket.client()
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket.name, Prefix="prepared/")["Contents"])
     assert keys == [
-        "prepared/samples/errors.parquet",
+        "prepared/samples/_errors.parquet",
+        "prepared/samples/_summary.json",
         "prepared/samples/part-00000.parquet",
         "prepared/samples/part-00001.parquet",
         "prepared/samples/part-00002.parquet",
-        "prepared/samples/summary.json",
     ]
     # boto3: raw bytes of each shard are plain Parquet
     tables = [
@@ -49,7 +49,7 @@ def test_prepare_to_s3_reads_back_with_boto3_and_pyarrow(s3_bucket, capsys):
     ]
     assert [t.num_rows for t in tables] == [4, 4, 2]
     assert all(t.schema == GRAPH_SCHEMA for t in tables)
-    summary = json.loads(client.get_object(Bucket=s3_bucket.name, Key="prepared/samples/summary.json")["Body"].read())
+    summary = json.loads(client.get_object(Bucket=s3_bucket.name, Key="prepared/samples/_summary.json")["Body"].read())
     assert (summary["rows_read"], summary["rows_written"], summary["rows_rejected"]) == (12, 10, 2)
 
     # pyarrow: the folder as one dataset, and the error table
@@ -60,7 +60,7 @@ def test_prepare_to_s3_reads_back_with_boto3_and_pyarrow(s3_bucket, capsys):
     assert table.num_rows == 10
     ids = {g.id for g in table_to_graphs(table)}
     assert "sheep-meadow" in ids and "living-room-layout" in ids
-    errors = pq.read_table(f"{s3_bucket.name}/prepared/samples/errors.parquet", filesystem=fs)
+    errors = pq.read_table(f"{s3_bucket.name}/prepared/samples/_errors.parquet", filesystem=fs)
     assert sorted(errors.column("id").to_pylist()) == ["broken-box", "broken-relation-index"]
 
 
@@ -92,7 +92,7 @@ def test_prepare_reads_s3_input_and_takes_the_endpoint_from_the_environment(s3_b
     # a smaller rerun removes the shards the first run left
     rc = main(["vg", "--scene-graphs", s3_bucket.uri("raw/scene_graphs.json"), "--output", out])
     assert rc == 0
-    assert [u.rsplit("/", 1)[1] for u in storage.list(out)] == ["errors.parquet", "part-00000.parquet", "summary.json"]
+    assert [u.rsplit("/", 1)[1] for u in storage.list(out)] == ["_errors.parquet", "_summary.json", "part-00000.parquet"]
 
 
 def test_missing_s3_input_is_an_argument_error(s3_bucket, capsys):

@@ -20,7 +20,7 @@ SAMPLES = str(Path(__file__).resolve().parents[2] / "jobs" / "samples" / "graphs
 def read_output(folder: Path) -> tuple[pa.Table, pa.Table, dict]:
     shards = sorted(folder.glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in shards]) if shards else None
-    return table, pq.read_table(folder / "errors.parquet"), json.loads((folder / "summary.json").read_text())
+    return table, pq.read_table(folder / "_errors.parquet"), json.loads((folder / "_summary.json").read_text())
 
 
 def write_json(path: Path, data) -> str:
@@ -197,7 +197,7 @@ def test_writer_extra_columns_are_checked_and_errors_spill(tmp_path):
     table = pq.read_table(tmp_path / "w" / "part-00000.parquet")
     assert table.column("mask").to_pylist() == [b"\x01", None]
     assert table.column("n").to_pylist() == [3, None]
-    errors = pq.read_table(tmp_path / "w" / "errors.parquet").to_pylist()
+    errors = pq.read_table(tmp_path / "w" / "_errors.parquet").to_pylist()
     assert [(e["id"], e["code"]) for e in errors] == [
         ("b", "bad_extra"), ("c", "bad_extra"), ("d", "bad_extra"), (None, "invalid_json"),
         ("['weird', 'id']", "bad_id"),
@@ -210,5 +210,5 @@ def test_writer_rejects_ids_arrow_cannot_store(tmp_path):
     writer = GraphShardWriter(Storage(StorageSettings()), str(tmp_path / "w"))
     writer.add(SceneGraphError("bad\ud800id", "id", "bad\ud800id", "is not valid Unicode", "bad_id"))
     writer.close()
-    (row,) = pq.read_table(tmp_path / "w" / "errors.parquet").to_pylist()
+    (row,) = pq.read_table(tmp_path / "w" / "_errors.parquet").to_pylist()
     assert row["id"] == "bad\\ud800id" and row["code"] == "bad_id"

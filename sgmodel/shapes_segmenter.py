@@ -337,8 +337,12 @@ def evaluate_segmenter(
     size: int = 32,
     min_coverage: float = 0.5,
     batch_size: int = 50,
+    degraded: bool = False,
 ) -> dict[str, Any]:
     """Pixel accuracy and object recall on clean renders of shapes stream ``seed`` (held out from training).
+
+    ``degraded=True`` first passes the renders through the training augmentation (seeded by
+    ``seed``): a proxy for how the segmenter reads blurry, noisy generated images.
 
     An object counts as found when the predicted pixels of its class (colour + shape) cover at
     least ``min_coverage`` of its ground-truth pixels; those pixels necessarily belong to the
@@ -350,12 +354,18 @@ def evaluate_segmenter(
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count!r}")
     model, processor = load_segmenter(model_dir)
+    generator = torch.Generator().manual_seed(seed)
     correct = pixels = fg_correct = fg_pixels = found = objects = spurious = 0
     ious: list[float] = []
     min_area = max(1, round(0.01 * size * size))
     for begin in range(0, count, batch_size):
         samples = [shapes_sample(seed, i, size) for i in range(begin, min(count, begin + batch_size))]
-        preds = segment(model, processor, [out.image for _, out in samples])
+        images: list[Any] = [out.image for _, out in samples]
+        if degraded:
+            x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
+            x = augment(x, generator)
+            images = list((x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+        preds = segment(model, processor, images)
         for (graph, out), pred in zip(samples, preds):
             gt = out.class_map
             correct += int((pred == gt).sum())
@@ -392,6 +402,7 @@ def evaluate_segmenter(
         "mean_object_iou": round(float(np.mean(ious)) if ious else 0.0, 4),
         "spurious_per_image": round(spurious / count, 4),
         "min_coverage": min_coverage,
+        "degraded": degraded,
     }
 
 

@@ -127,5 +127,9 @@ def test_committed_checkpoint_reads_clean_renders(monkeypatch):
 @pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="no committed segmenter checkpoint")
 def test_committed_checkpoint_object_recall():
     report = evaluate_segmenter(CHECKPOINT, count=100, seed=EVAL_SEED + 2, size=32)
-    assert report["object_recall"] >= 0.95
-    assert report["pixel_accuracy"] >= 0.95
+    assert report["object_recall"] >= 0.97
+    assert report["pixel_accuracy"] >= 0.97
+    assert report["spurious_per_image"] <= 0.1
+    # blurred, noisy, colour-shifted renders (a proxy for generated images) still read well
+    degraded = evaluate_segmenter(CHECKPOINT, count=100, seed=EVAL_SEED + 2, size=32, degraded=True)
+    assert degraded["degraded"] and degraded["object_recall"] >= 0.9

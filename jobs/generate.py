@@ -1,0 +1,330 @@
+"""Synthetic dataset generation: scene graphs (Parquet) in, images + recall out, on Ray.
+
+    ray job submit --working-dir . -- python -m jobs.generate --input s3://…/graphs/ --output s3://…/runs
+    python -m jobs.generate            # local Ray, demo model, bundled shapes graphs, ./out/generate
+
+Ray Data streams read_parquet -> validate -> generator actors (model on GPU) -> scorer actors
+(segmenter) -> sink; the driver only receives per-batch counts, commits each input shard with a
+marker once all its rows are written, and writes summary.json at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from jobs.config import ConfigError, parse_config, require
+from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER, SAMPLE_SHAPES, resolve
+from jobs.runs import (
+    InputShard,
+    Progress,
+    RunExistsError,
+    RunLayout,
+    cluster_has_gpus,
+    discover_inputs,
+    duplicate_ids,
+    init_ray,
+    input_columns,
+    new_run_id,
+    parquet_paths,
+    versions,
+)
+from jobs.summary import summarize
+from sgmodel.graph import ValidationLimits
+from workers.storage import Storage, StorageSettings
+
+logger = logging.getLogger("sgbatch")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    """Generate images for every scene graph of a Parquet input, score them, stream them out."""
+
+    input: str = SAMPLE_SHAPES
+    """Parquet file, folder or glob, local or s3:// (default: the bundled shapes sample graphs)."""
+    output: str = "out/generate"
+    """Folder or s3:// prefix; the run goes to {output}/{run_id}/."""
+    model: str = DEMO_MODEL
+    """SceneGraphDiffusionPipeline folder (local or s3://) or hub id (default: the shapes demo model)."""
+    segmenter: str = DEMO_SEGMENTER
+    """Segmentation model folder or hub id for recall; 'none' turns scoring off."""
+    run_id: str | None = None
+    """Name of the run (default: run-YYYYmmdd-HHMMSS). Give the same id with --resume."""
+    samples_per_graph: int = 1
+    """Images per scene graph."""
+    steps: int = 25
+    """Denoising steps."""
+    guidance: float = 3.0
+    """Classifier-free guidance scale (<= 1 disables the unconditional pass)."""
+    height: int | None = None
+    """Image height (default: the model's)."""
+    width: int | None = None
+    """Image width (default: the model's)."""
+    batch_size: int = 8
+    """Graphs per generator call."""
+    workers: str = "1"
+    """Generator actors: N, or MIN,MAX to autoscale."""
+    gpus_per_worker: float | None = None
+    """GPUs per generator actor (default: 1 when the cluster has GPUs, else 0)."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per generator actor (a reservation for Ray's scheduler; torch threads are separate)."""
+    threads_per_worker: int | None = None
+    """Torch threads per generator actor (default: all CPUs of its machine)."""
+    scorer_workers: int = 1
+    """Scorer actors."""
+    scorer_gpus: float | None = None
+    """GPUs per scorer actor (default: 0.25 when the cluster has GPUs, else 0)."""
+    output_format: Literal["png", "webdataset"] = "png"
+    """PNG files, or WebDataset tar shards (one per batch and input shard)."""
+    resume: bool = False
+    """Finish an existing run: skip committed shards, redo the rest."""
+    overwrite: bool = False
+    """Delete an existing run of this id first."""
+    max_error_fraction: float = 0.1
+    """Fail the job (exit 1) when more than this fraction of input rows end in the error table."""
+    seed: int = 0
+    """Base seed; each image's seed derives from (seed, graph id, sample index) unless the row has one."""
+    scheduler: Literal["model", "ddim", "dpm", "euler"] = "model"
+    """Sampler: the model's own, DDIM, DPM-Solver++ or Euler."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Weights/activations dtype: auto = fp16 on GPU, fp32 on CPU."""
+    compile: bool = False
+    """torch.compile the UNet (GPU runs; the first batches pay the compile time)."""
+    max_objects: int = 64
+    """Reject graphs with more objects."""
+    max_relations: int = 256
+    """Reject graphs with more relations."""
+    max_text_chars: int = 128
+    """Reject labels/predicates longer than this."""
+    report: bool = True
+    """Write report.html at the end (--no-report to skip)."""
+    report_max_images: int = 120
+    """Gallery images in the report at most."""
+    s3_endpoint_url: str | None = None
+    """S3 endpoint override (default: AWS_ENDPOINT_URL); credentials come from the AWS chain."""
+    s3_region: str | None = None
+    """S3 region (default: AWS_REGION)."""
+    log_every: float = 10.0
+    """Seconds between progress lines."""
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_graph", "steps", "batch_size", "scorer_workers", "max_objects", "max_relations",
+                     "max_text_chars"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(0.0 <= self.max_error_fraction <= 1.0, "max_error_fraction", self.max_error_fraction, "must be in [0, 1]")
+        require(self.guidance >= 0, "guidance", self.guidance, "must be >= 0")
+        require(not (self.resume and self.overwrite), "resume", self.resume, "--resume and --overwrite exclude each other")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            require(value is None or value >= 8, name, value, "must be >= 8")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        for name in ("gpus_per_worker", "scorer_gpus"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, name, value, "must be >= 0")
+        _ = self.worker_range  # validates --workers
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        parts = [p.strip() for p in str(self.workers).split(",")]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"--workers = {self.workers!r}: expected N or MIN,MAX") from None
+        require(len(values) in (1, 2) and min(values) >= 1 and values[0] <= values[-1], "workers", self.workers,
+                "expected N or MIN,MAX with 1 <= MIN <= MAX")
+        return values[0], values[-1]
+
+    @property
+    def scoring(self) -> bool:
+        return self.segmenter.lower() != "none"
+
+    def resolved(self) -> GenerateConfig:
+        """Defaults that point into the repository resolved to real paths."""
+        return dataclasses.replace(self, input=resolve(self.input), model=resolve(self.model),
+                                   segmenter=resolve(self.segmenter) if self.scoring else self.segmenter)
+
+
+def configure_logging() -> None:
+    """Progress lines on stdout (what ``ray job logs`` shows), whatever logging Ray set up before."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s sgbatch %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def storage_for(config) -> Storage:
+    return Storage(StorageSettings.from_env(endpoint_url=config.s3_endpoint_url, region=config.s3_region))
+
+
+def fingerprint(storage: Storage, model: str) -> str:
+    import hashlib
+
+    from workers.runtime import model_fingerprint
+
+    if model.startswith("s3://"):
+        listing = storage.list(model.rstrip("/"))
+        return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
+    return model_fingerprint(model)
+
+
+def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Storage, dupes: frozenset[str],
+                  run_uri: str, model_fp: str):
+    """The streaming Ray Data pipeline; consuming it writes the outputs and yields per-shard counts."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from workers.generator import GenerationSettings, Generator
+    from workers.scorer import Scorer, ScoringSettings
+    from workers.sink import Sink, SinkSettings
+    from workers.validate import GRAPH_COLUMNS, validate_batch
+
+    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if cluster_has_gpus() else 0.0)
+    check_cpu_budget(cfg)
+    scorer_gpus = cfg.scorer_gpus if cfg.scorer_gpus is not None else (0.25 if cluster_has_gpus() else 0.0)
+    limits = ValidationLimits(max_text_chars=cfg.max_text_chars, max_objects=cfg.max_objects,
+                              max_relations=cfg.max_relations)
+    paths, fs, shard_of_path = parquet_paths(storage, pending)
+    columns = input_columns(storage, pending[0], GRAPH_COLUMNS)
+    # Light stages reserve little CPU so that, even on a 2-CPU machine, the generator actor and
+    # the reads can always be scheduled side by side (reserving whole CPUs deadlocks there).
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=True,
+                               ray_remote_args={"num_cpus": 0.1})
+    ds = ds.map_batches(validate_batch, fn_args=(limits, dupes, shard_of_path), batch_format="pyarrow",
+                        num_cpus=0.1, batch_size=256)
+    gen_settings = GenerationSettings(
+        model=cfg.model, steps=cfg.steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width,
+        samples_per_graph=cfg.samples_per_graph, base_seed=cfg.seed, precision=cfg.precision,
+        scheduler=cfg.scheduler, use_gpu=gpus > 0, threads=cfg.threads_per_worker, compile=cfg.compile,
+    )
+    low, high = cfg.worker_range
+    ds = ds.map_batches(Generator, fn_constructor_args=(gen_settings, storage.settings), batch_format="pyarrow",
+                        batch_size=cfg.batch_size, compute=ActorPoolStrategy(min_size=low, max_size=high),
+                        num_gpus=gpus, num_cpus=cfg.cpus_per_worker)
+    if cfg.scoring:
+        score_settings = ScoringSettings(segmenter=cfg.segmenter, use_gpu=scorer_gpus > 0, precision=cfg.precision)
+        ds = ds.map_batches(Scorer, fn_constructor_args=(score_settings, storage.settings), batch_format="pyarrow",
+                            batch_size=max(16, cfg.batch_size * cfg.samples_per_graph),
+                            compute=ActorPoolStrategy(size=cfg.scorer_workers), num_gpus=scorer_gpus, num_cpus=SCORER_CPUS)
+    sink = SinkSettings(run_uri=run_uri, output_format=cfg.output_format, model_fingerprint=model_fp)
+    return ds.map_batches(Sink, fn_constructor_args=(sink, storage.settings), batch_format="pyarrow",
+                          batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=SINK_CPUS)
+
+
+SINK_CPUS, SCORER_CPUS = 0.1, 0.25
+
+
+def check_cpu_budget(cfg: GenerateConfig) -> None:
+    """Ray Data lists input files in a task that needs a whole CPU: actors must leave one free.
+
+    Only checkable on a fixed local instance; an autoscaling cluster adds nodes instead.
+    """
+    import os
+
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    reserved = cfg.worker_range[0] * cfg.cpus_per_worker + SINK_CPUS + (cfg.scorer_workers * SCORER_CPUS if cfg.scoring else 0)
+    if reserved > total - 1:
+        raise ConfigError(
+            f"--workers {cfg.workers} x --cpus-per-worker {cfg.cpus_per_worker} (+ scorer and sink) reserve "
+            f"{reserved:.2f} of this machine's {total:.0f} CPUs; leave at least one free for reading the input"
+        )
+
+
+def run(cfg: GenerateConfig) -> tuple[dict, int]:
+    """Run the job; returns (summary, exit code)."""
+    cfg = cfg.resolved()
+    storage = storage_for(cfg)
+    run_id = cfg.run_id or new_run_id()
+    layout = RunLayout(storage, cfg.output, run_id)
+    shards = discover_inputs(storage, cfg.input)  # before touching the output: bad input fails fast
+    layout.prepare(cfg.resume, cfg.overwrite)
+    committed = layout.committed() & {s.name for s in shards}
+    pending = [s for s in shards if s.name not in committed]
+    removed = layout.clean_partial(s.name for s in pending) if cfg.resume else 0
+    dupes = duplicate_ids(storage, shards)
+    model_fp = fingerprint(storage, cfg.model)
+    layout.write_json("run.json", {
+        "job": "generate", "run_id": run_id, "config": dataclasses.asdict(cfg), "model_fingerprint": model_fp,
+        "versions": versions(), "inputs": [dataclasses.asdict(s) for s in shards],
+        "resumed": bool(cfg.resume and committed), "skipped_shards": sorted(committed),
+    })
+    logger.info("run %s: %d input shards (%d rows), %d already committed, %d partial files removed",
+                layout.uri, len(shards), sum(s.rows for s in shards), len(committed), removed)
+
+    progress = Progress({s.name: s for s in shards}, layout, log_every=cfg.log_every)
+    if pending:
+        init_ray()
+        ds = build_dataset(cfg, pending, storage, dupes, layout.uri, model_fp)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            progress.update(batch.to_pylist())
+        progress.log()
+    summary = summarize(storage, layout.uri, rows_in=sum(s.rows for s in shards), extra={
+        "run_id": run_id, "run": layout.uri, "job": "generate", "model_fingerprint": model_fp,
+        "shards": len(shards), "shards_skipped": len(committed), "shards_committed_now": len(progress.committed_now),
+        "elapsed_seconds": round(progress.elapsed, 2),
+        "images_per_second": round(progress.images / progress.elapsed, 3) if progress.elapsed else None,
+    })
+    code = exit_code(summary, cfg.max_error_fraction)
+    summary["status"] = "succeeded" if code == 0 else "failed"
+    layout.write_json("summary.json", summary)
+    if cfg.report:
+        write_report(layout, cfg.report_max_images)
+    print_result(layout, summary)
+    return summary, code
+
+
+def exit_code(summary: dict, max_error_fraction: float) -> int:
+    if summary["rows_lost"]:
+        logger.error("%d input rows are neither in metadata nor in errors", summary["rows_lost"])
+        return 1
+    if summary["error_fraction"] > max_error_fraction:
+        logger.error("error fraction %.3f exceeds --max-error-fraction %.3f", summary["error_fraction"],
+                     max_error_fraction)
+        return 1
+    return 0
+
+
+def write_report(layout: RunLayout, max_images: int) -> None:
+    """The HTML report; a failure to draw it never fails the run."""
+    try:
+        from jobs.report import build_report
+    except ImportError:
+        return
+    try:
+        build_report(layout.storage, layout.uri, max_images=max_images)
+    except Exception:  # noqa: BLE001 - the data is written; the report is a convenience
+        logger.exception("could not write the report for %s", layout.uri)
+
+
+def print_result(layout: RunLayout, summary: dict) -> None:
+    recall = summary["recall"].get("mean")
+    print(f"\nrun {summary['status']}: {summary['rows_in']} rows -> {summary['images']} images, "
+          f"{summary['errors']} errors" + (f", mean recall {recall:.3f}" if recall is not None else ""))
+    print(f"images:  {layout.path('images')}")
+    print(f"summary: {layout.path('summary.json')}")
+    if summary["errors"]:
+        print(f"errors:  {layout.path('errors')}  {summary['errors_by_reason']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
+    try:
+        cfg = parse_config(GenerateConfig, argv, prog="python -m jobs.generate")
+        _, code = run(cfg)
+    except (ConfigError, RunExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""What every batch job shares: the run folder, its inputs as shards, commit markers, progress, Ray start-up."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+
+import pyarrow.parquet as pq
+
+from sgmodel.graph import safe_key
+from workers.storage import Storage, join, split_s3
+
+logger = logging.getLogger("sgbatch")
+
+
+class RunExistsError(RuntimeError):
+    """The run folder exists and neither --resume nor --overwrite was given."""
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+
+
+@dataclass(frozen=True)
+class InputShard:
+    uri: str
+    name: str
+    """Stable output name of this input file (survives other files being added to the input)."""
+    rows: int
+
+
+def shard_name(uri: str) -> str:
+    stem = PurePosixPath(uri).name.rsplit(".", 1)[0]
+    return f"{safe_key(stem)}-{hashlib.sha1(uri.encode()).hexdigest()[:6]}"
+
+
+def discover_inputs(storage: Storage, input_uri: str) -> list[InputShard]:
+    """Every input Parquet file with its row count (read from the footer, not the data)."""
+    return [InputShard(uri, shard_name(uri), storage.parquet_rows(uri)) for uri in storage.expand_input(input_uri)]
+
+
+def duplicate_ids(storage: Storage, shards: Iterable[InputShard]) -> frozenset[str]:
+    """Ids that occur more than once across the whole input (only the id column is read)."""
+    seen: set[str] = set()
+    dupes: set[str] = set()
+    for shard in shards:
+        for batch in storage.iter_parquet_batches(shard.uri, batch_size=65536, columns=["id"]):
+            for value in batch.column(0).to_pylist():
+                if value in seen:
+                    dupes.add(value)
+                seen.add(value)
+    return frozenset(v for v in dupes if v is not None)
+
+
+class RunLayout:
+    """``{output}/{run_id}/``: images/, metadata/, errors/, _markers/, run.json, summary.json, report.html."""
+
+    def __init__(self, storage: Storage, output: str, run_id: str) -> None:
+        self.storage = storage
+        self.uri = join(output, run_id)
+        self.run_id = run_id
+
+    def path(self, *parts: str) -> str:
+        return join(self.uri, *parts)
+
+    def exists(self) -> bool:
+        return bool(self.storage.list(self.uri))
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        if not self.exists():
+            return
+        if overwrite:
+            removed = self.storage.delete_prefix(self.uri)
+            logger.info("--overwrite: removed %d files under %s", removed, self.uri)
+        elif not resume:
+            raise RunExistsError(
+                f"run {self.uri!r} already exists: pass --resume to finish it or --overwrite to start it again"
+            )
+
+    def marker(self, shard: str) -> str:
+        return self.path("_markers", f"{shard}.json")
+
+    def committed(self) -> set[str]:
+        return {PurePosixPath(u).name[: -len(".json")] for u in self.storage.list(self.path("_markers"))
+                if u.endswith(".json")}
+
+    def clean_partial(self, shards: Iterable[str]) -> int:
+        """Delete what an interrupted attempt left for uncommitted shards (its batches may differ now)."""
+        names = set(shards)
+        if not names:
+            return 0
+        removed = 0
+        for folder in ("metadata", "errors", "candidates", "images"):
+            for uri in self.storage.list(self.path(folder)):
+                rel = uri[len(self.path(folder)) + 1 :]
+                head = rel.split("/", 1)[0]
+                if head in names or any(head.startswith(f"{n}-") and head.endswith((".parquet", ".tar")) for n in names):
+                    self.storage.delete(uri)
+                    removed += 1
+        return removed
+
+    def write_marker(self, shard: str, stats: dict) -> None:
+        self.storage.write_text(self.marker(shard), json.dumps(stats, indent=2) + "\n")
+
+    def write_json(self, name: str, data: dict) -> None:
+        self.storage.write_text(self.path(name), json.dumps(data, indent=2, default=str) + "\n")
+
+    def read_json(self, name: str) -> dict:
+        return json.loads(self.storage.read_text(self.path(name)))
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("sgbatch", "ray", "torch", "diffusers", "transformers", "torch_geometric", "pyarrow", "deepspeed"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - a missing optional package is just not listed
+            continue
+    return out
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.execution_options.preserve_order = False
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def parquet_paths(storage: Storage, shards: list[InputShard]) -> tuple[list[str], object, dict[str, str]]:
+    """Paths and filesystem for ``ray.data.read_parquet``, and the map from the ``path`` column to shard names."""
+    if not shards:
+        return [], None, {}
+    fs, _ = storage.filesystem(shards[0].uri)
+    paths, back = [], {}
+    for shard in shards:
+        path = "/".join(split_s3(shard.uri)) if shard.uri.startswith("s3://") else os.path.abspath(shard.uri)
+        paths.append(path)
+        back[path] = shard.name
+    return paths, fs, back
+
+
+def input_columns(storage: Storage, shard: InputShard, wanted: Iterable[str]) -> list[str]:
+    fs, path = storage.filesystem(shard.uri)
+    with fs.open_input_file(path) as f:
+        names = set(pq.ParquetFile(f).schema_arrow.names)
+    return [c for c in wanted if c in names]
+
+
+@dataclass
+class Progress:
+    """Tracks rows per shard (to commit shards) and prints periodic progress lines."""
+
+    shards: dict[str, InputShard]
+    layout: RunLayout
+    log_every: float = 10.0
+    done_rows: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    errors: int = 0
+    recall_sum: float = 0.0
+    recall_count: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    _last: float = field(default_factory=time.perf_counter)
+    committed_now: list[str] = field(default_factory=list)
+
+    def update(self, stats: list[dict]) -> None:
+        for s in stats:
+            shard = s["shard"]
+            self.done_rows[shard] = self.done_rows.get(shard, 0) + int(s["rows"])
+            self.images += int(s["images"])
+            self.errors += int(s["errors"])
+            self.recall_sum += float(s["recall_sum"])
+            self.recall_count += int(s["recall_count"])
+            expected = self.shards[shard].rows
+            if self.done_rows[shard] == expected:
+                self.layout.write_marker(shard, {"shard": shard, "input": self.shards[shard].uri, "rows": expected,
+                                                  "finished": datetime.now(timezone.utc).isoformat()})
+                self.committed_now.append(shard)
+            elif self.done_rows[shard] > expected:
+                logger.warning("shard %s: %d rows seen for %d in the input", shard, self.done_rows[shard], expected)
+        now = time.perf_counter()
+        if now - self._last >= self.log_every:
+            self._last = now
+            self.log()
+
+    def log(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        rows = sum(self.done_rows.values())
+        total = sum(s.rows for s in self.shards.values())
+        recall = self.recall_sum / self.recall_count if self.recall_count else float("nan")
+        logger.info("%d/%d rows, %d images (%.2f images/s), %d errors, mean recall %.3f, %d shards committed",
+                    rows, total, self.images, self.images / max(elapsed, 1e-9), self.errors, recall,
+                    len(self.committed_now))
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started

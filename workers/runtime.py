@@ -1,0 +1,115 @@
+"""Device, precision and model loading shared by the Ray actors (and the benchmarks' bare loops)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SCHEDULERS = ("model", "ddim", "dpm", "euler")
+
+
+def pick_device(want_gpu: bool) -> torch.device:
+    if want_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on a GPU, fp32 on the CPU (CPU half precision is slow and lossy for sampling)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def set_threads(threads: int | None) -> int:
+    """Torch intra-op threads for a worker: explicit, or every CPU of the machine."""
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def swap_scheduler(pipe, name: str) -> None:
+    """Replace the pipeline's scheduler by DDIM / DPM-Solver++ / Euler, keeping its noise schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
+    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+    if name != "model":
+        pipe.scheduler = classes[name].from_config(pipe.scheduler.config)
+
+
+def load_pipeline(
+    path_or_id: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    scheduler: str = "model",
+    compile_unet: bool = False,
+):
+    """Load a SceneGraphDiffusionPipeline folder (safetensors only) onto a device, ready to sample."""
+    from sgmodel.pipeline import SceneGraphDiffusionPipeline
+
+    pipe = SceneGraphDiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, use_safetensors=True)
+    pipe.to(device)
+    swap_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    if compile_unet:  # worth it on GPUs for long runs; the first batches pay the compile time
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=False)
+    return pipe
+
+
+def model_fingerprint(path_or_id: str) -> str:
+    """A short, stable id of a model folder: file names, sizes and the head and tail bytes of each file.
+
+    Cheap even for multi-GB checkpoints, and changes whenever weights or configs change. A hub id
+    that is not a local folder is fingerprinted by its name.
+    """
+    root = Path(path_or_id)
+    digest = hashlib.sha256()
+    if not root.is_dir():
+        digest.update(f"hub:{path_or_id}".encode())
+        return digest.hexdigest()[:16]
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if file.name == "training_summary.json":
+            continue
+        size = file.stat().st_size
+        digest.update(json.dumps([str(file.relative_to(root)), size]).encode())
+        with file.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+def localize_model(path_or_uri: str, storage=None, cache_dir: str | None = None) -> str:
+    """A local folder for a model: s3:// prefixes are downloaded once into a cache; others pass through."""
+    if not path_or_uri.startswith("s3://"):
+        return path_or_uri
+    from workers.storage import Storage, split_s3
+
+    storage = storage or Storage()
+    cache = Path(cache_dir or os.environ.get("SGBATCH_CACHE", Path.home() / ".cache" / "sgbatch")) / "models"
+    target = cache / hashlib.sha256(path_or_uri.rstrip("/").encode()).hexdigest()[:16]
+    done = target / ".complete"
+    if done.exists():
+        return str(target)
+    prefix = path_or_uri.rstrip("/") + "/"
+    files = storage.list(prefix)
+    if not files:
+        raise FileNotFoundError(f"no model files under {path_or_uri!r}")
+    for uri in files:
+        rel = split_s3(uri)[1][len(split_s3(prefix)[1]) :]
+        storage.write_bytes(str(target / rel), storage.read_bytes(uri))
+    done.write_text(path_or_uri)
+    return str(target)

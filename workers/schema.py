@@ -1,0 +1,83 @@
+"""Arrow schemas of the rows that flow between the job stages and into the output tables."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from sgmodel.recall import RECALL_ROW_SCHEMA
+
+# After validation: the contract columns the generator needs, plus where the row came from and
+# why it was rejected (null when valid).
+VALIDATED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("graph", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("error_code", pa.string()),
+    ]
+)
+"""``graph`` is the validated graph as JSON (null for rejected rows)."""
+
+GENERATED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("graph", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("error_code", pa.string()),
+        pa.field("sample_index", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("image", pa.binary()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("steps", pa.int32()),
+        pa.field("guidance", pa.float32()),
+        pa.field("gen_seconds", pa.float32()),
+    ]
+)
+"""One row per image (or one per rejected input row, with ``image`` null and ``error`` set)."""
+
+SCORED_SCHEMA = pa.schema(list(GENERATED_SCHEMA) + list(RECALL_ROW_SCHEMA) + [pa.field("score_seconds", pa.float32())])
+
+METADATA_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("sample_index", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("image_key", pa.string()),
+        *RECALL_ROW_SCHEMA,
+        pa.field("steps", pa.int32()),
+        pa.field("guidance", pa.float32()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("model_fingerprint", pa.string()),
+        pa.field("gen_seconds", pa.float32()),
+        pa.field("score_seconds", pa.float32()),
+        pa.field("shard", pa.string()),
+        pa.field("graph", pa.string()),
+    ]
+)
+"""``metadata/*.parquet``: one row per image; recall columns are null when scoring is off."""
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("code", pa.string()),
+        pa.field("shard", pa.string()),
+    ]
+)
+"""``errors/*.parquet``: one row per rejected input row."""
+
+STATS_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string()),
+        pa.field("rows", pa.int64()),
+        pa.field("images", pa.int64()),
+        pa.field("errors", pa.int64()),
+        pa.field("recall_sum", pa.float64()),
+        pa.field("recall_count", pa.int64()),
+    ]
+)
+"""What the sink returns to the driver per (batch, shard): small, so the driver's memory stays flat."""

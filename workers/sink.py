@@ -1,0 +1,105 @@
+"""Sink: writes images, metadata and error tables for each batch and reports small per-shard stats.
+
+File names are functions of the rows they hold (ids and sample indices), so a batch that Ray
+retries overwrites its own files instead of duplicating them. Commit markers are written by the
+driver, last, once every row of an input shard has come through here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from sgmodel.graph import safe_key
+from workers.schema import ERRORS_SCHEMA, METADATA_SCHEMA, STATS_SCHEMA
+from workers.storage import Storage, join
+
+OUTPUT_FORMATS = ("png", "webdataset")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkSettings:
+    run_uri: str
+    output_format: str = "png"
+    model_fingerprint: str = ""
+
+
+def image_name(row_id: str, sample_index: int) -> str:
+    """``{key}-{k:03d}`` with no dots (WebDataset groups a sample's files by the name before the first dot)."""
+    key = safe_key(row_id)
+    if "." in key:
+        key = key.replace(".", "_") + "-" + hashlib.sha1(row_id.encode()).hexdigest()[:8]
+    return f"{key}-{sample_index:03d}"
+
+
+def batch_digest(rows: list[dict]) -> str:
+    names = sorted(f"{r['id']}\x1f{r['sample_index']}" for r in rows)
+    return hashlib.sha1("\x1e".join(names).encode()).hexdigest()[:12]
+
+
+class Sink:
+    def __init__(self, settings: SinkSettings, storage_settings=None) -> None:
+        if settings.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {settings.output_format!r}")
+        self.settings = settings
+        self.storage = Storage(storage_settings)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        by_shard: dict[str, list[dict]] = {}
+        for row in rows:
+            by_shard.setdefault(row["shard"], []).append(row)
+        return pa.Table.from_pylist([self._write_shard(shard, part) for shard, part in by_shard.items()],
+                                    schema=STATS_SCHEMA)
+
+    def _write_shard(self, shard: str, rows: list[dict]) -> dict:
+        run = self.settings.run_uri
+        digest = batch_digest(rows)
+        images = [r for r in rows if r.get("image") is not None]
+        errors = [r for r in rows if r.get("image") is None]
+        keys = self._write_images(shard, digest, images)
+        if images:
+            meta = [self._metadata_row(r, key) for r, key in zip(images, keys)]
+            self.storage.write_parquet(pa.Table.from_pylist(meta, schema=METADATA_SCHEMA),
+                                       join(run, "metadata", f"{shard}-{digest}.parquet"))
+        if errors:
+            err = [{"id": r["id"], "reason": r["error"], "code": r["error_code"], "shard": shard} for r in errors]
+            self.storage.write_parquet(pa.Table.from_pylist(err, schema=ERRORS_SCHEMA),
+                                       join(run, "errors", f"{shard}-{digest}.parquet"))
+        recalls = [r["recall"] for r in images if r.get("recall") is not None]
+        # An input row counts once: by its first image, or by its error row.
+        inputs = sum(1 for r in images if r["sample_index"] == 0) + len(errors)
+        return {"shard": shard, "rows": inputs, "images": len(images), "errors": len(errors),
+                "recall_sum": float(sum(recalls)), "recall_count": len(recalls)}
+
+    def _write_images(self, shard: str, digest: str, rows: list[dict]) -> list[str]:
+        run = self.settings.run_uri
+        names = [image_name(r["id"], r["sample_index"]) for r in rows]
+        if self.settings.output_format == "png":
+            keys = [f"images/{shard}/{name}.png" for name in names]
+            for key, row in zip(keys, rows):
+                self.storage.write_bytes(join(run, key), row["image"], content_type="image/png")
+            return keys
+        tar_key = f"images/{shard}-{digest}.tar"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, row in zip(names, rows):
+                meta = {k: row.get(k) for k in ("id", "sample_index", "seed", "recall", "relation_score")}
+                meta["graph"] = json.loads(row["graph"])
+                for ext, data in (("png", row["image"]), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{name}.{ext}")
+                    info.size, info.mtime = len(data), 0  # mtime 0: identical reruns give identical bytes
+                    tar.addfile(info, io.BytesIO(data))
+        self.storage.write_bytes(join(run, tar_key), buf.getvalue(), content_type="application/x-tar")
+        return [f"{tar_key}/{name}.png" for name in names]
+
+    def _metadata_row(self, row: dict, key: str) -> dict:
+        out = {name: row.get(name) for name in METADATA_SCHEMA.names}
+        out["image_key"] = key
+        out["model_fingerprint"] = self.settings.model_fingerprint
+        return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,42 @@ def s3_bucket(s3_settings: StorageSettings) -> S3Bucket:
     name = f"sgb-test-{next(_bucket_numbers)}"
     s3_settings.boto3_client().create_bucket(Bucket=name)
     return S3Bucket(name=name, settings=s3_settings)
+
+
+# ----------------------------------------------------------------------------- models and Ray
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny untrained scene-graph pipeline (debug flavour, 16x16, shapes vocabulary), saved once."""
+    from sgmodel.flavours import build_pipeline
+    from sgmodel.shapes_diffusion import VOCABULARY
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sg"
+    build_pipeline("debug", VOCABULARY, seed=0, use_caption=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def segmenter_dir() -> str:
+    """The project's trained shapes segmenter (3 MB, committed under models/)."""
+    from jobs.defaults import DEMO_SEGMENTER, resolve
+
+    path = resolve(DEMO_SEGMENTER)
+    if not (Path(path) / "config.json").exists():
+        pytest.fail(f"the shapes segmenter checkpoint is missing at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """One local Ray instance (2 CPUs) for the session; workers get the fake AWS credentials."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": dict(FAKE_AWS_ENV)})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield
+    ray.shutdown()

@@ -79,7 +79,12 @@ def model_fingerprint(path_or_id: str) -> str:
     if not root.is_dir():
         digest.update(f"hub:{path_or_id}".encode())
         return digest.hexdigest()[:16]
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    index = root / "model_index.json"
+    if index.exists():  # a pipeline folder may also hold a run's checkpoints and logs: hash the model only
+        parts = {k for k in json.loads(index.read_text()) if not k.startswith("_")}
+        files = [f for f in files if f == index or f.relative_to(root).parts[0] in parts]
+    for file in files:
         if file.name == "training_summary.json":
             continue
         size = file.stat().st_size

@@ -1,0 +1,260 @@
+"""What the run report reads from a run folder, and which rows it shows.
+
+Large runs stay cheap: metadata is first read with its few scalar columns only, the gallery rows
+are chosen from those, and the heavy columns (scene graph JSON, object lists) are then read only
+from the files that hold a chosen row. The choice is deterministic (a hash of id and sample
+index), so rebuilding a report shows the same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workers.storage import Storage, join
+
+LIGHT_COLUMNS = ("id", "sample_index", "image_key", "recall", "relation_score")
+"""Read for every metadata row (cheap); everything else only for the rows shown."""
+DETAIL_COLUMNS = ("seed", "found", "missing", "unscorable", "relations_checked", "relations_satisfied", "steps",
+                  "height", "width", "gen_seconds", "graph", "candidates_drawn", "winner_candidate")
+CANDIDATE_COLUMNS = ("id", "candidate_index", "seed", "recall", "relation_score", "won", "image_key")
+THRESHOLDS = ("0.5", "0.75", "0.9")
+"""Recall thresholds of FG-DM's Table 3 ("how many of the N candidates reach t")."""
+
+
+def read_json(storage: Storage, uri: str) -> dict | None:
+    """A JSON object, or None when the file is absent or unreadable (a report of a partial run still renders)."""
+    try:
+        data = json.loads(storage.read_text(uri))
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def parquet_files(storage: Storage, folder: str) -> list[str]:
+    return [u for u in storage.list(folder) if u.endswith(".parquet")]
+
+
+def _read(storage: Storage, uri: str, columns: Sequence[str]) -> pa.Table:
+    fs, path = storage.filesystem(uri)
+    names = set(pq.read_schema(path, filesystem=fs).names)
+    present = [c for c in columns if c in names]
+    table = pq.read_table(path, filesystem=fs, columns=present)
+    for c in columns:  # a column an older or other job did not write reads as nulls
+        if c not in names:
+            table = table.append_column(c, pa.nulls(table.num_rows))
+    return table
+
+
+def sample_rank(row_id: str, sample_index: int) -> int:
+    """Stable pseudo-random rank of an image: the gallery shows the images with the smallest ranks."""
+    digest = hashlib.sha1(f"{row_id}\x1f{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+@dataclass
+class Image:
+    """One metadata row as the gallery shows it."""
+
+    file: int
+    row: int
+    id: str
+    sample_index: int
+    image_key: str | None
+    recall: float | None
+    relation_score: float | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return sample_rank(self.id, self.sample_index)
+
+
+@dataclass
+class Selection:
+    """The gallery (a deterministic sample, shown in id order) and the lowest-recall images (worst first)."""
+
+    total: int
+    gallery: list[Image]
+    worst: list[Image]
+
+    @property
+    def shown(self) -> int:
+        return len({(i.file, i.row) for i in [*self.gallery, *self.worst]})
+
+
+def select_images(images: Sequence[Image], max_images: int) -> Selection:
+    """At most ``max_images`` distinct images: up to a quarter the lowest-recall ones, the rest a sample.
+
+    When the whole run fits, every image is in the gallery and the worst section re-lists the
+    lowest ones (no extra files).
+    """
+    scored = sorted((i for i in images if _finite(i.recall)), key=lambda i: (i.recall, i.rank))
+    n_worst = min(len(scored), max(1, max_images // 4)) if max_images > 1 else 0
+    worst = scored[:n_worst]
+    if len(images) <= max_images:
+        gallery = list(images)
+    else:
+        taken = {(i.file, i.row) for i in worst}
+        rest = sorted((i for i in images if (i.file, i.row) not in taken), key=lambda i: i.rank)
+        gallery = rest[: max_images - len(worst)]
+    gallery.sort(key=lambda i: (i.id, i.sample_index))
+    return Selection(total=len(images), gallery=gallery, worst=worst)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass
+class RunData:
+    """Everything the report needs from one run folder."""
+
+    uri: str
+    info: dict
+    """run.json ({} when missing)."""
+    summary: dict | None
+    metadata_files: list[str]
+    images: list[Image]
+    errors: pa.Table
+    errors_total: int
+    candidates: pa.Table | None
+    metrics: list[dict] | None
+
+    @property
+    def job(self) -> str:
+        job = self.info.get("job") or (self.summary or {}).get("job")
+        if job:
+            return str(job)
+        return "finetune" if self.metrics is not None and not self.metadata_files else "generate"
+
+    @property
+    def recalls(self) -> list[float]:
+        return [i.recall for i in self.images if _finite(i.recall)]
+
+
+def load_run(storage: Storage, run_uri: str, max_errors: int) -> RunData:
+    info = read_json(storage, join(run_uri, "run.json")) or {}
+    summary = read_json(storage, join(run_uri, "summary.json"))
+    meta_files = parquet_files(storage, join(run_uri, "metadata"))
+    images: list[Image] = []
+    for f, uri in enumerate(meta_files):
+        table = _read(storage, uri, LIGHT_COLUMNS)
+        cols = [table.column(c).to_pylist() for c in LIGHT_COLUMNS]
+        for r, (row_id, k, key, recall, rel) in enumerate(zip(*cols)):
+            images.append(Image(f, r, str(row_id), int(k or 0), key, recall, rel))
+    errors, errors_total = _read_errors(storage, run_uri, max_errors)
+    cand_files = parquet_files(storage, join(run_uri, "candidates"))
+    candidates = (pa.concat_tables([_read(storage, u, CANDIDATE_COLUMNS) for u in cand_files],
+                                   promote_options="default") if cand_files else None)
+    return RunData(uri=run_uri, info=info, summary=summary, metadata_files=meta_files, images=images,
+                   errors=errors, errors_total=errors_total, candidates=candidates,
+                   metrics=_read_metrics(storage, join(run_uri, "metrics.jsonl")))
+
+
+def _read_errors(storage: Storage, run_uri: str, limit: int) -> tuple[pa.Table, int]:
+    """The first ``limit`` error rows sorted by (code, id), and how many there are in all."""
+    columns = ("id", "code", "reason", "shard")
+    tables = [_read(storage, u, columns) for u in parquet_files(storage, join(run_uri, "errors"))]
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns}), 0
+    table = pa.concat_tables(tables, promote_options="default")
+    total = table.num_rows
+    table = table.sort_by([("code", "ascending"), ("id", "ascending")])
+    return table.slice(0, max(limit, 0)), total
+
+
+def _read_metrics(storage: Storage, uri: str) -> list[dict] | None:
+    """metrics.jsonl rows; a torn last line (a run still writing) is skipped, not fatal."""
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError:
+        return None
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def load_details(storage: Storage, run: RunData, images: Sequence[Image]) -> None:
+    """Fill ``details`` (graph, object lists, seed …) of the given images, reading only their files."""
+    by_file: dict[int, list[Image]] = defaultdict(list)
+    for image in images:
+        if not image.details:
+            by_file[image.file].append(image)
+    for f, chosen in by_file.items():
+        table = _read(storage, run.metadata_files[f], DETAIL_COLUMNS)
+        for image in chosen:
+            row = table.slice(image.row, 1).to_pylist()[0]
+            try:
+                row["graph"] = json.loads(row["graph"]) if row.get("graph") else None
+            except ValueError:
+                row["graph"] = None
+            image.details = row
+
+
+# ----------------------------------------------------------------------------- SBPC
+
+
+@dataclass
+class SbpcStats:
+    """FG-DM Table 3 statistics and the best-of-n curve, from the candidates table."""
+
+    graphs: int
+    max_candidates: int
+    curve: list[tuple[int, float]]
+    """(n, mean over graphs of the max recall among their first n candidates)."""
+    avg_min: float
+    avg_median: float
+    avg_max: float
+    avg_count_at_least: dict[str, float]
+    avg_drawn: float
+    by_graph: dict[str, list[dict]]
+    """Candidates of each graph, in candidate order."""
+
+
+def sbpc_stats(candidates: pa.Table) -> SbpcStats | None:
+    """Per graph, its scored candidates in draw order; graphs with none scored are left out.
+
+    For adaptive runs a graph that stopped early before n keeps the best of what it drew: that is
+    what a budget of n candidates would have given it.
+    """
+    by_graph: dict[str, list[dict]] = defaultdict(list)
+    for row in candidates.to_pylist():
+        by_graph[str(row["id"])].append(row)
+    recalls = {}
+    for gid, rows in by_graph.items():
+        rows.sort(key=lambda r: (r.get("candidate_index") or 0))
+        values = [float(r["recall"]) for r in rows if _finite(r.get("recall"))]
+        if values:
+            recalls[gid] = values
+    if not recalls:
+        return None
+    n_max = max(len(v) for v in recalls.values())
+    curve = [(n, statistics.fmean(max(v[:n]) for v in recalls.values())) for n in range(1, n_max + 1)]
+    return SbpcStats(
+        graphs=len(recalls),
+        max_candidates=n_max,
+        curve=curve,
+        avg_min=statistics.fmean(min(v) for v in recalls.values()),
+        avg_median=statistics.fmean(statistics.median(v) for v in recalls.values()),
+        avg_max=statistics.fmean(max(v) for v in recalls.values()),
+        avg_count_at_least={t: statistics.fmean(sum(x >= float(t) for x in v) for v in recalls.values())
+                            for t in THRESHOLDS},
+        avg_drawn=statistics.fmean(len(rows) for rows in by_graph.values()),
+        by_graph=dict(by_graph),
+    )

@@ -22,6 +22,7 @@ demo: setup
 	$(BIN)/python -m jobs.prepare sg2im --input jobs/samples/graphs.json --output $(DEMO_OUT)/sample_graphs
 
 test: setup
+	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 lint: setup

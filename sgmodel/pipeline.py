@@ -161,11 +161,14 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         return parsed
 
     # ------------------------------------------------------------------ sampling
-    def prepare_latents(self, seeds: Sequence[int], height: int, width: int, dtype, device) -> torch.Tensor:
-        """One CPU generator per image, so noise is the same on any device and in any batch."""
+    def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+        """Unit Gaussian noise [B, C, h, w] from one CPU generator per image: the same on any device, in any batch."""
         shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-        return torch.stack(noise).to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+
+    def prepare_latents(self, seeds: Sequence[int], height: int, width: int, dtype, device) -> torch.Tensor:
+        noise = self.initial_noise(seeds, height, width)
+        return noise.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> images in [0, 1], [B, 3, H, W] float32."""
@@ -197,6 +200,7 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         num_images_per_graph: int = 1,
         output_type: str = "pil",
         return_dict: bool = True,
+        latents: torch.Tensor | None = None,
     ) -> SceneGraphPipelineOutput | tuple:
         # 0. Defaults and validation.
         height = height or self.default_size
@@ -220,7 +224,14 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
 
         # 2. Timesteps and initial noise (one generator per image).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(seeds, height, width, dtype, device)
+        if latents is None:
+            latents = self.prepare_latents(seeds, height, width, dtype, device)
+        else:  # caller-made noise (e.g. SBPC drafts: the full-size noise, pooled) [B, C, h, w]
+            expected = (len(seeds), self.unet.config.in_channels, height // self.vae_scale_factor,
+                        width // self.vae_scale_factor)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
         generators = [torch.Generator("cpu").manual_seed(int(s) ^ 0x5DEECE66D) for s in seeds]
 
         # 3. Denoise: cond and uncond go through the UNet in one batched forward.

@@ -1,0 +1,126 @@
+"""SBPC selection logic on hand-made scores: ties, adaptive stop, draft re-render with the winning seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sgmodel.graph import SceneGraph, SGObject
+from sgmodel.recall import RecallResult
+from sgmodel.sbpc import (
+    Candidate,
+    SBPCConfig,
+    candidate_seed,
+    draft_noise,
+    pick_winner,
+    run_sbpc,
+    table3_statistics,
+)
+
+G = [SceneGraph(id=f"g{i}", objects=(SGObject("circle"),)) for i in range(3)]
+
+
+def result(recall: float, relation: float | None = None) -> RecallResult:
+    return RecallResult(graph_id="g", recall=recall, found=[], missing=[], unscorable=[], relation_score=relation,
+                        relations_checked=0 if relation is None else 1, relations_satisfied=0)
+
+
+def cand(index: int, recall: float, relation: float | None = None) -> Candidate:
+    return Candidate(index=index, seed=100 + index, result=result(recall, relation))
+
+
+def test_winner_is_recall_then_relation_then_lowest_index():
+    assert pick_winner([cand(0, 0.5), cand(1, 0.9), cand(2, 0.7)]).index == 1
+    assert pick_winner([cand(0, 0.9, 0.0), cand(1, 0.9, 1.0), cand(2, 0.9, 0.5)]).index == 1
+    assert pick_winner([cand(0, 0.9, 0.5), cand(1, 0.9, 0.5), cand(2, 0.9, 0.5)]).index == 0
+    assert pick_winner([cand(0, 0.9), cand(1, 0.9, 0.0)]).index == 1  # a checked relation beats none
+    assert pick_winner([cand(3, 1.0), cand(1, 1.0)]).index == 1
+    with pytest.raises(ValueError):
+        pick_winner([])
+
+
+class Scripted:
+    """generate() records its calls and returns images that carry their seed; score() looks recall up by seed."""
+
+    def __init__(self, recall_of: dict[tuple[str, int], float]):
+        self.recall_of = recall_of  # (graph id, candidate index) -> recall at draft quality
+        self.calls: list[tuple[list[str], list[int], int, int]] = []
+
+    def seed_index(self, graph: SceneGraph, seed: int) -> int:
+        return next(i for i in range(100) if candidate_seed(graph, 0, i) == seed)
+
+    def generate(self, graphs, seeds, steps, height, width):
+        self.calls.append(([g.id for g in graphs], seeds, steps, height))
+        return [np.full((height, width, 3), steps, dtype=np.uint8) + 0 * s for s in seeds]
+
+    def score(self, images, graphs):
+        out = []
+        for image, graph, seed in zip(images, graphs, self.calls[-1][1]):
+            base = self.recall_of[(graph.id, self.seed_index(graph, seed))]
+            final = int(image[0, 0, 0]) >= 20  # full-quality renders score a little higher
+            out.append(result(min(1.0, base + (0.05 if final else 0.0))))
+        return out
+
+
+def test_naive_draws_n_and_keeps_the_best():
+    recall = {(g.id, i): v for g in G for i, v in enumerate([0.2, 0.6, 0.4, 0.6])}
+    s = Scripted(recall)
+    out = run_sbpc(G, SBPCConfig(candidates=4, final_steps=20, height=16, width=16), s.generate, s.score)
+    assert len(s.calls) == 1 and len(s.calls[0][0]) == 12  # one batched call for all candidates of all graphs
+    for r in out:
+        assert r.drawn == 4 and r.winner.index == 1 and r.final is r.winner
+        assert r.final.image is not None and r.final.result.recall == pytest.approx(0.65)
+        assert [c.seed for c in r.candidates] == [candidate_seed(r.graph, 0, i) for i in range(4)]
+
+
+def test_draft_rerenders_the_winning_seed_at_full_quality_and_rescores():
+    recall = {(g.id, i): v for g in G for i, v in enumerate([0.1, 0.3, 0.9 if g.id == "g1" else 0.2, 0.4])}
+    s = Scripted(recall)
+    cfg = SBPCConfig(candidates=4, final_steps=20, draft_steps=3, draft_size=8, height=16, width=16)
+    out = run_sbpc(G, cfg, s.generate, s.score)
+    (draft_ids, _, draft_steps, draft_h), (final_ids, final_seeds, final_steps, final_h) = s.calls
+    assert (draft_steps, draft_h, len(draft_ids)) == (3, 8, 12)
+    assert (final_steps, final_h, final_ids) == (20, 16, ["g0", "g1", "g2"])
+    assert final_seeds == [r.winner.seed for r in out]
+    assert [r.winner.index for r in out] == [3, 2, 3]
+    assert out[1].final.seed == candidate_seed(G[1], 0, 2) and out[1].final.result.recall == pytest.approx(0.95)
+    assert all(c.image is None for r in out for c in r.candidates)  # drafts are not kept unless asked
+
+
+def test_adaptive_stops_each_graph_at_the_target():
+    # g0 reaches 1.0 at candidate 1, g1 never, g2 at candidate 0.
+    table = {"g0": [0.5, 1.0, 1.0, 1.0, 1.0], "g1": [0.1, 0.2, 0.3, 0.4, 0.5], "g2": [1.0] * 5}
+    s = Scripted({(g, i): v for g, vs in table.items() for i, v in enumerate(vs)})
+    cfg = SBPCConfig(candidates=5, final_steps=20, height=16, width=16, target_recall=1.0)
+    out = run_sbpc(G, cfg, s.generate, s.score)
+    assert [r.drawn for r in out] == [2, 5, 1]
+    assert [len(ids) for ids, *_ in s.calls] == [3, 2, 1, 1, 1]  # the active set shrinks round by round
+    assert [r.winner.index for r in out] == [1, 4, 0]
+
+
+def test_config_validation_names_the_value():
+    with pytest.raises(ValueError, match="0"):
+        SBPCConfig(candidates=0, final_steps=10, height=32, width=32)
+    with pytest.raises(ValueError, match="12"):
+        SBPCConfig(candidates=2, final_steps=10, height=32, width=32, draft_steps=2, draft_size=12)
+    with pytest.raises(ValueError, match="1.5"):
+        SBPCConfig(candidates=2, final_steps=10, height=32, width=32, target_recall=1.5)
+    assert SBPCConfig(candidates=2, final_steps=9, draft_steps=2, target_recall=0.9, height=32, width=32).mode == "adaptive-draft"
+
+
+def test_draft_noise_is_the_pooled_full_noise_with_unit_variance():
+    full = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    small = draft_noise(full, (16, 16))
+    assert small.shape == (64, 3, 16, 16)
+    assert small.std().item() == pytest.approx(1.0, abs=0.03)
+    torch.testing.assert_close(small[0, 0, 0, 0], full[0, 0, :2, :2].mean() * 2)
+
+
+def test_table3_statistics():
+    stats = table3_statistics([[0.0, 0.5, 1.0], [0.8, 0.9]])
+    assert stats["avg_min_recall"] == pytest.approx(0.4)
+    assert stats["avg_max_recall"] == pytest.approx(0.95)
+    assert stats["avg_median_recall"] == pytest.approx((0.5 + 0.85) / 2)
+    assert stats["avg_count_at_least"] == {"0.5": pytest.approx(2.0), "0.75": pytest.approx(1.5), "0.9": pytest.approx(1.0)}
+    assert stats["avg_candidates_drawn"] == pytest.approx(2.5)

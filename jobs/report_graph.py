@@ -23,6 +23,8 @@ CHAR_W = 5.1
 MAX_LABEL = 22
 """Characters of an object label shown in its node (the full text is in the node's tooltip)."""
 PAD = 3.0
+GAP = 16.0
+"""Space kept between node boxes, so an arrow between neighbours stays visible."""
 
 STATUS_STYLE = {
     "found": ("#dafbe1", "#1a7f37"),
@@ -118,8 +120,8 @@ def _separate(nodes: list[_Node], rounds: int = 40) -> None:
         moved = False
         for i, a in enumerate(nodes):
             for b in nodes[i + 1:]:
-                ox = (a.w + b.w) / 2 + 2 - abs(a.x - b.x)
-                oy = (a.h + b.h) / 2 + 2 - abs(a.y - b.y)
+                ox = (a.w + b.w) / 2 + GAP - abs(a.x - b.x)
+                oy = (a.h + b.h) / 2 + GAP - abs(a.y - b.y)
                 if ox <= 0 or oy <= 0:
                     continue
                 moved = True
@@ -149,6 +151,41 @@ def _arrow_head(x: float, y: float, fx: float, fy: float, colour: str) -> str:
     return f'<polygon points="{" ".join(f"{px:.1f},{py:.1f}" for px, py in points)}" fill="{colour}"/>'
 
 
+def _label_box(x: float, y: float, text: str) -> tuple[float, float, float, float]:
+    half = len(text) * CHAR_W * 0.9 / 2
+    return x - half, y - 4.5, x + half, y + 4.5
+
+
+def _label_spot(p0: tuple[float, float], c: tuple[float, float], p1: tuple[float, float], text: str,
+                nodes: Sequence[_Node], placed: Sequence[tuple[float, float, float, float]]) -> tuple[float, float]:
+    """A point on the relation's curve where its label covers no node and no other label (else the middle)."""
+    def at(t: float) -> tuple[float, float]:
+        return ((1 - t) ** 2 * p0[0] + 2 * (1 - t) * t * c[0] + t * t * p1[0],
+                (1 - t) ** 2 * p0[1] + 2 * (1 - t) * t * c[1] + t * t * p1[1])
+
+    boxes = [*((n.x - n.w / 2, n.y - n.h / 2, n.x + n.w / 2, n.y + n.h / 2) for n in nodes), *placed]
+    dx, dy = p1[0] - p0[0], p1[1] - p0[1]
+    length = math.hypot(dx, dy) or 1.0
+    nx, ny = -dy / length, dx / length
+    # On the curve first, beside it (off a short arrow between close nodes) when that is covered;
+    # where every spot is covered, the one that hides the least.
+    best, best_cover = at(0.5), math.inf
+    for shift in (0.0, -9.0, 9.0, -16.0, 16.0):
+        for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8):
+            x, y = at(t)
+            x, y = x + nx * shift, y + ny * shift
+            a = _label_box(x, y, text)
+            if a[0] < 0 or a[2] > SIZE or a[1] < 0 or a[3] > SIZE:
+                continue
+            cover = sum(max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+                        for b in boxes)
+            if cover == 0:
+                return x, y
+            if cover < best_cover:
+                best, best_cover = (x, y), cover
+    return best
+
+
 def graph_svg(graph: dict[str, Any], found: Sequence[str] | None = None, missing: Sequence[str] | None = None,
               unscorable: Sequence[str] | None = None, css_class: str = "graph") -> str:
     """The scene graph as an ``<svg>`` element; objects coloured by recall status, relations as labelled arrows."""
@@ -171,6 +208,7 @@ def graph_svg(graph: dict[str, Any], found: Sequence[str] | None = None, missing
             pairs.setdefault((min(s, o), max(s, o)), []).append(k)
 
     edges, labels = [], []
+    placed: list[tuple[float, float, float, float]] = []
     for k, s, o, predicate in valid:
         a, b = nodes[s], nodes[o]
         colour = "#0969da"
@@ -193,8 +231,9 @@ def graph_svg(graph: dict[str, Any], found: Sequence[str] | None = None, missing
             edges.append(f'<path d="M{x0:.1f},{y0:.1f} Q{cx:.1f},{cy:.1f} {x1:.1f},{y1:.1f}" fill="none" '
                          f'stroke="{colour}" stroke-width="1"/>')
             edges.append(_arrow_head(x1, y1, cx, cy, colour))
-            mx, my = 0.25 * x0 + 0.5 * cx + 0.25 * x1, 0.25 * y0 + 0.5 * cy + 0.25 * y1
+            mx, my = _label_spot((x0, y0), (cx, cy), (x1, y1), _short(predicate, 16), nodes, placed)
         text = escape(_short(predicate, 16))
+        placed.append(_label_box(mx, my, _short(predicate, 16)))
         labels.append(f'<text x="{mx:.1f}" y="{my + 3:.1f}" text-anchor="middle" fill="#0550ae" font-size="8" '
                       f'stroke="#fff" stroke-width="2.5" paint-order="stroke">'
                       f"<title>{escape(predicate)}</title>{text}</text>")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 BLUE, ORANGE, GREY = "#0969da", "#bc4c00", "#57606a"
@@ -36,13 +37,15 @@ def recall_histogram(values: Sequence[float], title: str = "Object recall per im
     ax = fig.add_subplot()
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=BLUE, edgecolor="white")
     ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(counts, default=0) * 1.25 + 0.5)  # headroom for the legend
     ax.set_xlabel("recall (found / scorable objects)")
     ax.set_ylabel("images")
     ax.set_title(title, fontsize=10)
     mean = float(np.mean(values)) if len(values) else math.nan
     if not math.isnan(mean):
         ax.axvline(mean, color=ORANGE, linestyle="--", linewidth=1.2, label=f"mean {mean:.3f}")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper center")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
 
 

@@ -262,6 +262,18 @@ class DiffusionTrainingModule(nn.Module):
         return weights
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier at optimizer step ``step``: linear warmup, then cosine decay to ``min_ratio``.
+
+    Shared by :func:`fit` and the distributed fine-tuning loop (as a ``LambdaLR``), so both follow
+    the same schedule.
+    """
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -306,10 +318,7 @@ def fit(
         ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True)
 
     def lr_at(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total - warmup_steps)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return lr * lr_factor(step, warmup_steps, total)
 
     generator = torch.Generator("cpu").manual_seed(seed + start_step)
     module.train()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -61,9 +62,9 @@ def sample_rank(row_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-@dataclass
+@dataclass(slots=True)
 class Image:
-    """One metadata row as the gallery shows it."""
+    """One metadata row as the gallery shows it (made only for the rows shown)."""
 
     file: int
     row: int
@@ -74,9 +75,41 @@ class Image:
     relation_score: float | None
     details: dict[str, Any] = field(default_factory=dict)
 
+
+class ImageIndex:
+    """Every image of a run as numpy columns (file, row, rank, recall) plus the light Arrow tables.
+
+    About 30 bytes per image in numpy and the Arrow columns' own size, instead of a Python object
+    per row: choosing the gallery of a run with millions of images stays within a few hundred MB.
+    """
+
+    def __init__(self, tables: Sequence[pa.Table]) -> None:
+        self.tables = list(tables)
+        sizes = [t.num_rows for t in self.tables]
+        self.file = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        self.row = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes else np.zeros(0, np.int64)
+        ranks, recalls = [], []
+        for t in self.tables:
+            ids = t.column("id").to_pylist()
+            samples = t.column("sample_index").fill_null(0).to_pylist()
+            ranks.append(np.fromiter((sample_rank(str(i), int(k)) for i, k in zip(ids, samples)), dtype=np.uint64,
+                                     count=t.num_rows))
+            recalls.append(t.column("recall").cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False))
+        self.rank = np.concatenate(ranks) if ranks else np.zeros(0, np.uint64)
+        self.recall = np.concatenate(recalls).astype(np.float64) if recalls else np.zeros(0)
+
+    def __len__(self) -> int:
+        return int(self.rank.size)
+
     @property
-    def rank(self) -> int:
-        return sample_rank(self.id, self.sample_index)
+    def scored_recalls(self) -> np.ndarray:
+        return self.recall[np.isfinite(self.recall)]
+
+    def image(self, i: int) -> Image:
+        f, r = int(self.file[i]), int(self.row[i])
+        row = self.tables[f].slice(r, 1).to_pylist()[0]
+        return Image(f, r, str(row["id"]), int(row["sample_index"] or 0), row["image_key"], row["recall"],
+                     row["relation_score"])
 
 
 @dataclass
@@ -92,23 +125,27 @@ class Selection:
         return len({(i.file, i.row) for i in [*self.gallery, *self.worst]})
 
 
-def select_images(images: Sequence[Image], max_images: int) -> Selection:
+def select_images(index: ImageIndex, max_images: int) -> Selection:
     """At most ``max_images`` distinct images: up to a quarter the lowest-recall ones, the rest a sample.
 
-    When the whole run fits, every image is in the gallery and the worst section re-lists the
-    lowest ones (no extra files).
+    The sample is the images with the smallest :func:`sample_rank`, so it does not depend on how
+    the rows are spread over files. When the whole run fits, every image is in the gallery and
+    the worst section re-lists the lowest ones (no extra files).
     """
-    scored = sorted((i for i in images if _finite(i.recall)), key=lambda i: (i.recall, i.rank))
-    n_worst = min(len(scored), max(1, max_images // 4)) if max_images > 1 else 0
-    worst = scored[:n_worst]
-    if len(images) <= max_images:
-        gallery = list(images)
+    n = len(index)
+    scored = np.nonzero(np.isfinite(index.recall))[0]
+    n_worst = min(scored.size, max(1, max_images // 4)) if max_images > 1 else 0
+    order = np.lexsort((index.rank[scored], index.recall[scored]))  # by recall, ties by rank
+    worst = scored[order[:n_worst]]
+    if n <= max_images:
+        gallery = np.arange(n)
     else:
-        taken = {(i.file, i.row) for i in worst}
-        rest = sorted((i for i in images if (i.file, i.row) not in taken), key=lambda i: i.rank)
-        gallery = rest[: max_images - len(worst)]
-    gallery.sort(key=lambda i: (i.id, i.sample_index))
-    return Selection(total=len(images), gallery=gallery, worst=worst)
+        rest = np.setdiff1d(np.arange(n), worst, assume_unique=True)
+        k = max_images - n_worst
+        gallery = rest[np.argsort(index.rank[rest], kind="stable")[:k]] if k > 0 else rest[:0]
+    by_pos = {int(i): index.image(int(i)) for i in np.union1d(gallery, worst)}
+    shown = sorted((by_pos[int(i)] for i in gallery), key=lambda im: (im.id, im.sample_index))
+    return Selection(total=n, gallery=shown, worst=[by_pos[int(i)] for i in worst])
 
 
 def _finite(value: Any) -> bool:
@@ -124,7 +161,7 @@ class RunData:
     """run.json ({} when missing)."""
     summary: dict | None
     metadata_files: list[str]
-    images: list[Image]
+    images: ImageIndex
     errors: pa.Table
     errors_total: int
     candidates: pa.Table | None
@@ -139,19 +176,14 @@ class RunData:
 
     @property
     def recalls(self) -> list[float]:
-        return [i.recall for i in self.images if _finite(i.recall)]
+        return self.images.scored_recalls.tolist()
 
 
 def load_run(storage: Storage, run_uri: str, max_errors: int) -> RunData:
     info = read_json(storage, join(run_uri, "run.json")) or {}
     summary = read_json(storage, join(run_uri, "summary.json"))
     meta_files = parquet_files(storage, join(run_uri, "metadata"))
-    images: list[Image] = []
-    for f, uri in enumerate(meta_files):
-        table = _read(storage, uri, LIGHT_COLUMNS)
-        cols = [table.column(c).to_pylist() for c in LIGHT_COLUMNS]
-        for r, (row_id, k, key, recall, rel) in enumerate(zip(*cols)):
-            images.append(Image(f, r, str(row_id), int(k or 0), key, recall, rel))
+    images = ImageIndex([_read(storage, uri, LIGHT_COLUMNS) for uri in meta_files])
     errors, errors_total = _read_errors(storage, run_uri, max_errors)
     cand_files = parquet_files(storage, join(run_uri, "candidates"))
     candidates = (pa.concat_tables([_read(storage, u, CANDIDATE_COLUMNS) for u in cand_files],

@@ -10,8 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from PIL import Image
 
-from jobs.report_data import Image as Row
-from jobs.report_data import sbpc_stats, select_images
+from jobs.report_data import ImageIndex, sbpc_stats, select_images
 from jobs.report_graph import graph_svg, object_statuses
 from jobs.report_html import e, fmt
 from jobs.report_images import split_tar_key, thumbnail
@@ -69,29 +68,37 @@ def test_object_statuses_count_identical_descriptions():
 # ----------------------------------------------------------------------------- gallery choice
 
 
-def rows(n, scored=True):
-    return [Row(file=i % 3, row=i, id=f"g{i:04d}", sample_index=0, image_key=f"images/s/g{i}.png",
-                recall=(i * 37 % 101) / 100 if scored else None, relation_score=None) for i in range(n)]
+def index(n, scored=True, files=3, seed=None):
+    """n images spread over ``files`` light tables (shuffled first when ``seed`` is given)."""
+    import pyarrow as pa
+
+    rows = [{"id": f"g{i:04d}", "sample_index": 0, "image_key": f"images/s/g{i}.png",
+             "recall": (i * 37 % 101) / 100 if scored else None, "relation_score": None} for i in range(n)]
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
+    schema = pa.schema([("id", pa.string()), ("sample_index", pa.int32()), ("image_key", pa.string()),
+                        ("recall", pa.float64()), ("relation_score", pa.float64())])
+    return ImageIndex([pa.Table.from_pylist(rows[f::files], schema=schema) for f in range(files)])
 
 
 def test_selection_is_bounded_deterministic_and_has_the_worst():
-    images = rows(500)
-    sel = select_images(images, 40)
+    idx = index(500)
+    sel = select_images(idx, 40)
     assert sel.shown == 40 and len(sel.worst) == 10 and len(sel.gallery) == 30
-    assert [i.recall for i in sel.worst] == sorted(i.recall for i in images)[:10]
-    shuffled = images[:]
-    random.Random(1).shuffle(shuffled)
-    again = select_images(shuffled, 40)
-    assert [i.id for i in again.gallery] == [i.id for i in sel.gallery]  # independent of file order
+    assert [i.recall for i in sel.worst] == sorted(idx.recall.tolist())[:10]
+    again = select_images(index(500, files=7, seed=1), 40)
+    assert [i.id for i in again.gallery] == [i.id for i in sel.gallery]  # independent of files and row order
+    assert [i.id for i in again.worst] == [i.id for i in sel.worst]
     assert [i.id for i in sel.gallery] == sorted(i.id for i in sel.gallery)
 
 
 def test_selection_shows_all_when_it_fits_and_nothing_worst_without_scores():
-    sel = select_images(rows(8), 120)
+    sel = select_images(index(8), 120)
     assert len(sel.gallery) == 8 and sel.shown == 8 and len(sel.worst) == 8
-    unscored = select_images(rows(300, scored=False), 20)
+    unscored = select_images(index(300, scored=False), 20)
     assert unscored.worst == [] and unscored.shown == 20
-    assert select_images(rows(5), 0).shown == 0
+    assert select_images(index(5), 0).shown == 0
+    assert select_images(index(0, files=1), 10).shown == 0
 
 
 # ----------------------------------------------------------------------------- SBPC

@@ -7,7 +7,7 @@ anything but ``file://`` was asked for.
 
 Also a script, to take a screenshot of a report for the docs:
 
-    python tests/e2e/chromium_cdp.py out/generate/run-…/report.html docs/report.png --height 1400
+    python tests/e2e/chromium_cdp.py out/generate/run-…/report.html docs/report.png --height 1400 --out-width 960
 """
 
 from __future__ import annotations
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=1400, help="CSS pixels from the top of the page")
+    parser.add_argument("--out-width", type=int, default=None,
+                        help="shrink the PNG to this width and to 256 colours (small files for docs)")
     args = parser.parse_args(argv)
     exe = find_chromium()
     if exe is None:
@@ -213,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     with Chromium(exe) as browser:
         load = browser.load(Path(args.page).resolve().as_uri(), width=args.width, height=args.height)
         size = browser.screenshot(args.out, max_height=args.height, width=args.width)
+    if args.out_width:
+        from PIL import Image
+
+        with Image.open(args.out) as im:
+            small = im.convert("RGB").resize((args.out_width, round(im.height * args.out_width / im.width)),
+                                             Image.Resampling.LANCZOS)
+        small.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
+        size = small.size
     print(f"{args.out}: {size[0]}x{size[1]}; {len(load.requests)} requests, {len(load.failed)} failed")
     return 0
 

@@ -148,15 +148,24 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
         parts.append(obj_dense)
         masks.append(obj_mask)
 
-        if encoding.triples.shape[0]:
-            trip = self.triple_tokens(encoding.triples) + types[2]
+        # Paths a batch does not need (no relations, no captions) still run on empty inputs and enter
+        # the output with weight 0: every parameter then gets a gradient on every rank, which
+        # DeepSpeed ZeRO and DDP need (they reduce gradients collectively, parameter by parameter).
+        trip = self.triple_tokens(encoding.triples) + types[2]  # [T, C], T may be 0
+        if trip.shape[0]:
             trip_dense, trip_mask = to_dense_batch(trip, encoding.triple_batch, batch_size=g)
             parts.append(trip_dense)
             masks.append(trip_mask)
+        else:
+            parts[0] = parts[0] + 0.0 * trip.sum()
 
-        if self.caption_tokens is not None and caption_tokens is not None and caption_mask is not None:
-            parts.append(self.caption_tokens(caption_tokens.to(glob)) + types[3])
-            masks.append(caption_mask.bool())
+        if self.caption_tokens is not None:
+            if caption_tokens is not None and caption_mask is not None:
+                parts.append(self.caption_tokens(caption_tokens.to(glob)) + types[3])
+                masks.append(caption_mask.bool())
+            else:
+                unused = self.caption_tokens(glob.new_zeros(0, self.caption_tokens.in_features))
+                parts[0] = parts[0] + 0.0 * unused.sum()
 
         cond = Condition(
             context=torch.cat(parts, 1), mask=torch.cat(masks, 1), global_=encoding.global_, predicted_boxes=None
@@ -201,8 +210,8 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
 
     def drop(self, cond: Condition, drop_mask: torch.Tensor) -> Condition:
         """Replace the rows where ``drop_mask`` [B] is True by the null condition (CFG training)."""
-        if not bool(drop_mask.any()):
-            return cond
+        if not bool(drop_mask.any()):  # null tokens enter with weight 0 (a gradient on every rank, see forward)
+            return replace(cond, context=cond.context + 0.0 * self.null_tokens.sum().to(cond.context.dtype))
         null = self.null_condition(cond.context.shape[0])
         length = max(cond.context.shape[1], null.context.shape[1])
         ctx, mask = _pad_tokens(cond.context, cond.mask, length)

@@ -109,3 +109,24 @@ def test_lora_adapters_train_and_merge_into_a_plain_unet():
 def test_train_config_validation(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+@pytest.mark.parametrize(("conditioning", "trainable"), [("tokens", "conditioning"), ("gated", "conditioning"),
+                                                         ("tokens", "all"), ("gated", "lora")])
+def test_every_trainable_parameter_gets_a_gradient_even_without_relations_captions_or_dropped_rows(
+    conditioning, trainable
+):
+    # DeepSpeed ZeRO (and DDP) reduce gradients collectively: a parameter that one rank's batch leaves
+    # unused desynchronises the ranks, so unused paths must still yield (zero) gradients.
+    from sgmodel.graph import SceneGraph, SGObject
+
+    pipe = build_pipeline("debug", VOCAB, conditioning=conditioning, seed=0, use_caption=True)
+    module = DiffusionTrainingModule(pipe, TrainConfig(trainable=trainable, cond_dropout=0.0))
+    graphs = [SceneGraph(id="a", objects=(SGObject("circle", ("red",)),)), SceneGraph(id="b", objects=(SGObject("square"),))]
+    losses = module(graphs, torch.zeros(2, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    losses.total.backward()
+    missing = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert {"conditioner.null_tokens", "conditioner.triple_tokens.0.weight"} <= {
+        name for name, p in module.named_parameters() if p.requires_grad
+    }

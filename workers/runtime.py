@@ -113,6 +113,10 @@ def localize_model(path_or_uri: str, storage=None, cache_dir: str | None = None)
     files = storage.list(prefix)
     if not files:
         raise FileNotFoundError(f"no model files under {path_or_uri!r}")
+    index = prefix + "model_index.json"
+    if index in files:  # a pipeline folder may also hold a run's checkpoints and logs: fetch the model only
+        parts = {k for k in json.loads(storage.read_text(index)) if not k.startswith("_")}
+        files = [u for u in files if u == index or u[len(prefix):].split("/", 1)[0] in parts]
     for uri in files:
         rel = split_s3(uri)[1][len(split_s3(prefix)[1]) :]
         storage.write_bytes(str(target / rel), storage.read_bytes(uri))

@@ -24,17 +24,22 @@ from jobs.runs import (
     Progress,
     RunExistsError,
     RunLayout,
-    cluster_has_gpus,
     discover_inputs,
     duplicate_ids,
     init_ray,
-    input_columns,
     new_run_id,
-    parquet_paths,
     versions,
 )
+from jobs.stages import (
+    SCORER_CPUS,
+    check_cpu_budget,
+    generation_settings,
+    generator_stage,
+    placement,
+    read_validated,
+    sink_stage,
+)
 from jobs.summary import summarize
-from sgmodel.graph import ValidationLimits
 from workers.storage import Storage, StorageSettings
 
 logger = logging.getLogger("sgbatch")
@@ -175,72 +180,28 @@ def fingerprint(storage: Storage, model: str) -> str:
 
 def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Storage, dupes: frozenset[str],
                   run_uri: str, model_fp: str):
-    """The streaming Ray Data pipeline; consuming it writes the outputs and yields per-shard counts."""
-    import ray
+    """read -> validate -> generator actors -> scorer actors -> sink; consuming it yields per-shard counts."""
     from ray.data import ActorPoolStrategy
 
-    from workers.generator import GenerationSettings, Generator
+    from workers.generator import Generator
     from workers.scorer import Scorer, ScoringSettings
-    from workers.sink import Sink, SinkSettings
-    from workers.validate import GRAPH_COLUMNS, validate_batch
 
-    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if cluster_has_gpus() else 0.0)
+    where = placement(cfg)
     check_cpu_budget(cfg)
-    scorer_gpus = cfg.scorer_gpus if cfg.scorer_gpus is not None else (0.25 if cluster_has_gpus() else 0.0)
-    limits = ValidationLimits(max_text_chars=cfg.max_text_chars, max_objects=cfg.max_objects,
-                              max_relations=cfg.max_relations)
-    paths, fs, shard_of_path = parquet_paths(storage, pending)
-    columns = input_columns(storage, pending[0], GRAPH_COLUMNS)
-    # Light stages reserve little CPU so that, even on a 2-CPU machine, the generator actor and
-    # the reads can always be scheduled side by side (reserving whole CPUs deadlocks there).
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=True,
-                               ray_remote_args={"num_cpus": 0.1})
-    ds = ds.map_batches(validate_batch, fn_args=(limits, dupes, shard_of_path), batch_format="pyarrow",
-                        num_cpus=0.1, batch_size=256)
-    gen_settings = GenerationSettings(
-        model=cfg.model, steps=cfg.steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width,
-        samples_per_graph=cfg.samples_per_graph, base_seed=cfg.seed, precision=cfg.precision,
-        scheduler=cfg.scheduler, use_gpu=gpus > 0, threads=cfg.threads_per_worker, compile=cfg.compile,
-    )
-    low, high = cfg.worker_range
-    ds = ds.map_batches(Generator, fn_constructor_args=(gen_settings, storage.settings), batch_format="pyarrow",
-                        batch_size=cfg.batch_size, compute=ActorPoolStrategy(min_size=low, max_size=high),
-                        num_gpus=gpus, num_cpus=cfg.cpus_per_worker)
+    ds = read_validated(cfg, pending, storage, dupes)
+    ds = generator_stage(ds, cfg, Generator, (generation_settings(cfg, where.generator_gpus), storage.settings),
+                         where.generator_gpus)
     if cfg.scoring:
-        score_settings = ScoringSettings(segmenter=cfg.segmenter, use_gpu=scorer_gpus > 0, precision=cfg.precision)
-        ds = ds.map_batches(Scorer, fn_constructor_args=(score_settings, storage.settings), batch_format="pyarrow",
+        score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
+        ds = ds.map_batches(Scorer, fn_constructor_args=(score, storage.settings), batch_format="pyarrow",
                             batch_size=max(16, cfg.batch_size * cfg.samples_per_graph),
-                            compute=ActorPoolStrategy(size=cfg.scorer_workers), num_gpus=scorer_gpus, num_cpus=SCORER_CPUS)
-    sink = SinkSettings(run_uri=run_uri, output_format=cfg.output_format, model_fingerprint=model_fp)
-    return ds.map_batches(Sink, fn_constructor_args=(sink, storage.settings), batch_format="pyarrow",
-                          batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=SINK_CPUS)
+                            compute=ActorPoolStrategy(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
+                            num_cpus=SCORER_CPUS)
+    return sink_stage(ds, cfg, run_uri, model_fp, storage)
 
 
-SINK_CPUS, SCORER_CPUS = 0.1, 0.25
-
-
-def check_cpu_budget(cfg: GenerateConfig) -> None:
-    """Ray Data lists input files in a task that needs a whole CPU: actors must leave one free.
-
-    Only checkable on a fixed local instance; an autoscaling cluster adds nodes instead.
-    """
-    import os
-
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    total = ray.cluster_resources().get("CPU", 0)
-    reserved = cfg.worker_range[0] * cfg.cpus_per_worker + SINK_CPUS + (cfg.scorer_workers * SCORER_CPUS if cfg.scoring else 0)
-    if reserved > total - 1:
-        raise ConfigError(
-            f"--workers {cfg.workers} x --cpus-per-worker {cfg.cpus_per_worker} (+ scorer and sink) reserve "
-            f"{reserved:.2f} of this machine's {total:.0f} CPUs; leave at least one free for reading the input"
-        )
-
-
-def run(cfg: GenerateConfig) -> tuple[dict, int]:
-    """Run the job; returns (summary, exit code)."""
+def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None) -> tuple[dict, int]:
+    """Run the job; returns (summary, exit code). The SBPC job reuses this with its own stage and statistics."""
     cfg = cfg.resolved()
     storage = storage_for(cfg)
     run_id = cfg.run_id or new_run_id()
@@ -253,26 +214,28 @@ def run(cfg: GenerateConfig) -> tuple[dict, int]:
     dupes = duplicate_ids(storage, shards)
     model_fp = fingerprint(storage, cfg.model)
     layout.write_json("run.json", {
-        "job": "generate", "run_id": run_id, "config": dataclasses.asdict(cfg), "model_fingerprint": model_fp,
+        "job": job, "run_id": run_id, "config": dataclasses.asdict(cfg), "model_fingerprint": model_fp,
         "versions": versions(), "inputs": [dataclasses.asdict(s) for s in shards],
         "resumed": bool(cfg.resume and committed), "skipped_shards": sorted(committed),
     })
-    logger.info("run %s: %d input shards (%d rows), %d already committed, %d partial files removed",
-                layout.uri, len(shards), sum(s.rows for s in shards), len(committed), removed)
+    logger.info("%s run %s: %d input shards (%d rows), %d already committed, %d partial files removed",
+                job, layout.uri, len(shards), sum(s.rows for s in shards), len(committed), removed)
 
     progress = Progress({s.name: s for s in shards}, layout, log_every=cfg.log_every)
     if pending:
         init_ray()
-        ds = build_dataset(cfg, pending, storage, dupes, layout.uri, model_fp)
+        ds = (build or build_dataset)(cfg, pending, storage, dupes, layout.uri, model_fp)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.update(batch.to_pylist())
         progress.log()
     summary = summarize(storage, layout.uri, rows_in=sum(s.rows for s in shards), extra={
-        "run_id": run_id, "run": layout.uri, "job": "generate", "model_fingerprint": model_fp,
+        "run_id": run_id, "run": layout.uri, "job": job, "model_fingerprint": model_fp,
         "shards": len(shards), "shards_skipped": len(committed), "shards_committed_now": len(progress.committed_now),
         "elapsed_seconds": round(progress.elapsed, 2),
         "images_per_second": round(progress.images / progress.elapsed, 3) if progress.elapsed else None,
     })
+    if statistics is not None:
+        summary[job] = statistics(storage, layout.uri, cfg)
     code = exit_code(summary, cfg.max_error_fraction)
     summary["status"] = "succeeded" if code == 0 else "failed"
     layout.write_json("summary.json", summary)
@@ -315,15 +278,20 @@ def print_result(layout: RunLayout, summary: dict) -> None:
         print(f"errors:  {layout.path('errors')}  {summary['errors_by_reason']}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def job_main(config_cls, run_fn, argv: Sequence[str] | None, prog: str) -> int:
+    """CLI front of a batch job: bad flags, an existing run or missing input exit 2 with the reason."""
     configure_logging()
     try:
-        cfg = parse_config(GenerateConfig, argv, prog="python -m jobs.generate")
-        _, code = run(cfg)
+        cfg = parse_config(config_cls, argv, prog=prog)
+        _, code = run_fn(cfg)
     except (ConfigError, RunExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(GenerateConfig, run, argv, "python -m jobs.generate")
 
 
 if __name__ == "__main__":

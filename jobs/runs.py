@@ -103,8 +103,9 @@ class RunLayout:
         removed = 0
         for folder in ("metadata", "errors", "candidates", "images"):
             for uri in self.storage.list(self.path(folder)):
-                rel = uri[len(self.path(folder)) + 1 :]
-                head = rel.split("/", 1)[0]
+                parts = uri[len(self.path(folder)) + 1 :].split("/")
+                nested = folder == "candidates" and parts[0] == "images" and len(parts) > 2  # candidates/images/{shard}/
+                head = parts[1] if nested else parts[0]
                 if head in names or any(head.startswith(f"{n}-") and head.endswith((".parquet", ".tar")) for n in names):
                     self.storage.delete(uri)
                     removed += 1

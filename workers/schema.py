@@ -40,6 +40,24 @@ GENERATED_SCHEMA = pa.schema(
 
 SCORED_SCHEMA = pa.schema(list(GENERATED_SCHEMA) + list(RECALL_ROW_SCHEMA) + [pa.field("score_seconds", pa.float32())])
 
+CANDIDATE_TYPE = pa.struct(
+    [
+        pa.field("candidate_index", pa.int32()),
+        pa.field("seed", pa.int64()),
+        *RECALL_ROW_SCHEMA,
+        pa.field("won", pa.bool_()),
+        pa.field("image", pa.binary()),
+    ]
+)
+SBPC_FIELDS = [
+    pa.field("candidates_drawn", pa.int32()),
+    pa.field("winner_candidate", pa.int32()),
+    pa.field("candidate_steps", pa.int32()),
+    pa.field("candidate_height", pa.int32()),
+]
+SBPC_SCHEMA = pa.schema(list(SCORED_SCHEMA) + SBPC_FIELDS + [pa.field("candidates", pa.list_(CANDIDATE_TYPE))])
+"""SBPC actor output: the final image of each graph with its recall, and every candidate it drew."""
+
 METADATA_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
@@ -69,6 +87,26 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 """``errors/*.parquet``: one row per rejected input row."""
+
+SBPC_METADATA_SCHEMA = pa.schema(list(METADATA_SCHEMA) + SBPC_FIELDS)
+"""``metadata/*.parquet`` of an SBPC run: the winners, with how many candidates each graph drew."""
+
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("candidate_index", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("stage", pa.string()),
+        pa.field("steps", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        *RECALL_ROW_SCHEMA,
+        pa.field("won", pa.bool_()),
+        pa.field("image_key", pa.string()),
+    ]
+)
+"""``candidates/*.parquet``: every SBPC candidate with its score; image_key set with --keep-candidates."""
 
 STATS_SCHEMA = pa.schema(
     [

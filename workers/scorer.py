@@ -57,6 +57,10 @@ class Scorer:
     def score(self, pngs: list[bytes], graphs_json: list[str]) -> list[RecallResult]:
         return self.scorer.score([decode_image(p) for p in pngs], [graph_from_json(g) for g in graphs_json])
 
+    def score_images(self, images: list, graphs_json: list[str]) -> list[RecallResult]:
+        """Uint8 arrays [H, W, 3] (SBPC candidates, never encoded) against their graphs."""
+        return self.scorer.score(images, [graph_from_json(g) for g in graphs_json])
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [i for i, r in enumerate(rows) if r["image"] is not None]

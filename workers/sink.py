@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from sgmodel.graph import safe_key
-from workers.schema import ERRORS_SCHEMA, METADATA_SCHEMA, STATS_SCHEMA
+from workers.schema import (
+    CANDIDATES_SCHEMA,
+    ERRORS_SCHEMA,
+    METADATA_SCHEMA,
+    SBPC_METADATA_SCHEMA,
+    STATS_SCHEMA,
+)
 from workers.storage import Storage, join
 
 OUTPUT_FORMATS = ("png", "webdataset")
@@ -63,10 +69,14 @@ class Sink:
         images = [r for r in rows if r.get("image") is not None]
         errors = [r for r in rows if r.get("image") is None]
         keys = self._write_images(shard, digest, images)
+        sbpc = bool(images) and "candidates" in images[0]
+        schema = SBPC_METADATA_SCHEMA if sbpc else METADATA_SCHEMA
         if images:
-            meta = [self._metadata_row(r, key) for r, key in zip(images, keys)]
-            self.storage.write_parquet(pa.Table.from_pylist(meta, schema=METADATA_SCHEMA),
+            meta = [self._metadata_row(r, key, schema) for r, key in zip(images, keys)]
+            self.storage.write_parquet(pa.Table.from_pylist(meta, schema=schema),
                                        join(run, "metadata", f"{shard}-{digest}.parquet"))
+        if sbpc:
+            self._write_candidates(shard, digest, images)
         if errors:
             err = [{"id": r["id"], "reason": r["error"], "code": r["error_code"], "shard": shard} for r in errors]
             self.storage.write_parquet(pa.Table.from_pylist(err, schema=ERRORS_SCHEMA),
@@ -98,8 +108,28 @@ class Sink:
         self.storage.write_bytes(join(run, tar_key), buf.getvalue(), content_type="application/x-tar")
         return [f"{tar_key}/{name}.png" for name in names]
 
-    def _metadata_row(self, row: dict, key: str) -> dict:
-        out = {name: row.get(name) for name in METADATA_SCHEMA.names}
+    def _write_candidates(self, shard: str, digest: str, rows: list[dict]) -> None:
+        """candidates/{shard}-{digest}.parquet, and the candidate images when the job kept them."""
+        run = self.settings.run_uri
+        table = []
+        for row in rows:
+            name = image_name(row["id"], 0)
+            for c in row["candidates"]:
+                key = None
+                if c.get("image") is not None:
+                    key = f"candidates/images/{shard}/{name}-c{c['candidate_index']:03d}.png"
+                    self.storage.write_bytes(join(run, key), c["image"], content_type="image/png")
+                table.append({
+                    "id": row["id"], "shard": shard, "stage": "draft" if row["candidate_steps"] != row["steps"] else "full",
+                    "steps": row["candidate_steps"], "height": row["candidate_height"],
+                    "width": row["candidate_height"] * row["width"] // row["height"], "image_key": key,
+                    **{k: c[k] for k in CANDIDATES_SCHEMA.names if k in c and k != "image"},
+                })
+        self.storage.write_parquet(pa.Table.from_pylist(table, schema=CANDIDATES_SCHEMA),
+                                   join(run, "candidates", f"{shard}-{digest}.parquet"))
+
+    def _metadata_row(self, row: dict, key: str, schema: pa.Schema = METADATA_SCHEMA) -> dict:
+        out = {name: row.get(name) for name in schema.names}
         out["image_key"] = key
         out["model_fingerprint"] = self.settings.model_fingerprint
         return out

@@ -40,6 +40,7 @@ GRAPH_COLUMNS = ("id", "objects", "relations", "caption")
 LOSS_KEYS = ("total", "recon", "clip", "mmd", "adversarial", "layout")
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
 CRASH_ENV = "SGBATCH_FINETUNE_CRASH_AFTER_STEP"
 """Fault injection for tests and drills: every worker exits hard right after the checkpoint of this step."""
 BaseKind = Literal["scene_graph", "stable_diffusion"]
@@ -170,6 +171,7 @@ class WorkerSettings:
     output: str
     storage: StorageSettings
     has_val: bool
+    ema_decay: float | None = None
 
     @property
     def micro_batch(self) -> int:
@@ -443,6 +445,44 @@ class SyncedBatches:
 # ----------------------------------------------------------------------------- state and metrics
 
 
+class EMA:
+    """Exponential moving average of the trained weights, in fp32, kept by rank 0 (ZeRO stages 1-2).
+
+    At stages 1-2 every rank holds the full, identical weights after each step, so rank 0 alone can
+    average them. Warmup as in diffusers' EMAModel: decay = min(decay, (1 + n) / (10 + n)).
+    """
+
+    def __init__(self, named: Mapping[str, torch.Tensor], decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {name: t.detach().float().clone() for name, t in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: Mapping[str, torch.Tensor]) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, tensor in named.items():
+            self.shadow[name].mul_(decay).add_(tensor.detach().float(), alpha=1 - decay)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path), metadata={"updates": str(self.updates)})
+
+    def load(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            self.updates = int(f.metadata()["updates"])
+            for name in f.keys():
+                self.shadow[name].copy_(f.get_tensor(name))
+
+
+def trainable_named(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by their export names (without the DeepSpeed wrapper's prefix)."""
+    return {name.removeprefix("inner."): p for name, p in model.named_parameters() if p.requires_grad}
+
+
 @dataclass
 class TrainerState:
     """What a checkpoint carries besides DeepSpeed's own files (trainer_state.json, written by rank 0)."""
@@ -573,6 +613,12 @@ def train_loop_per_worker(config: dict) -> None:
         state.resumed_from_step = saved.step
         if rank == 0:
             logger.info("resumed from step %d (%s)", saved.step, checkpoint.path)
+    ema = None
+    if settings.ema_decay and rank == 0:
+        ema = EMA(trainable_named(engine.module), settings.ema_decay)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                ema.load(Path(folder) / EMA_FILE)
     bad = BadRows()
     bad.merge(state.bad_rows)
     if rank == 0 and state.history:
@@ -604,6 +650,8 @@ def train_loop_per_worker(config: dict) -> None:
             engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"step": state.step})
             if rank == 0:
                 (Path(folder) / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")
+                if ema is not None:
+                    ema.save(Path(folder) / EMA_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step-{state.step:08d}")
 
@@ -627,6 +675,8 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(losses["total"])
             engine.step()
             meter.add(losses)
+        if ema is not None:
+            ema.update(trainable_named(engine.module))
         state.step += 1
         state.samples += global_batch
         window_samples += global_batch
@@ -659,11 +709,13 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(record)
             window_start, window_samples = time.perf_counter(), 0
 
-    # 4. Export (rank 0) from the full fp32 weights, then the final checkpoint, whose metrics carry the
+    # 4. Export (rank 0) from the full fp32 weights (or their EMA), then the final checkpoint, whose metrics carry the
     #    run's totals to the driver (Ray Train's Result.metrics are those of the latest checkpoint).
     weights = trained_state(engine, rank)
     state.bad_rows = gather_bad_rows(bad).as_json()
     if rank == 0:
+        if ema is not None:
+            weights = dict(ema.shadow)
         written = export_pipeline(settings, weights, storage)
         logger.info("exported the fine-tuned pipeline to %s (%d files)", settings.output, len(written))
     dist.barrier()

@@ -1,0 +1,95 @@
+"""The Ray Data stages the batch jobs share: read + validate, the generator actor pool, the sink.
+
+Light stages reserve little CPU so that, even on a 2-CPU machine, the generator actor and the
+reads can be scheduled side by side (Ray Data lists input files in a task needing a whole CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from jobs.config import ConfigError
+from jobs.runs import InputShard, cluster_has_gpus, input_columns, parquet_paths
+from sgmodel.graph import ValidationLimits
+from workers.storage import Storage
+
+READ_CPUS, SINK_CPUS, SCORER_CPUS = 0.1, 0.1, 0.25
+
+
+@dataclass(frozen=True)
+class Placement:
+    generator_gpus: float
+    scorer_gpus: float
+
+
+def placement(cfg) -> Placement:
+    """GPUs per actor: as configured, else a whole GPU per generator and a quarter per scorer when the cluster has GPUs."""
+    has = cluster_has_gpus() if cfg.gpus_per_worker is None or cfg.scorer_gpus is None else False
+    gen = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if has else 0.0)
+    score = cfg.scorer_gpus if cfg.scorer_gpus is not None else (0.25 if has else 0.0)
+    return Placement(gen, score)
+
+
+def check_cpu_budget(cfg) -> None:
+    """On a fixed local instance, the actors must leave one CPU for Ray Data's file listing.
+
+    An autoscaling cluster (RAY_ADDRESS) adds nodes instead, so nothing is checked there.
+    """
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    scorers = cfg.scorer_workers * SCORER_CPUS if cfg.scoring else 0.0
+    reserved = cfg.worker_range[0] * cfg.cpus_per_worker + SINK_CPUS + scorers
+    if reserved > total - 1:
+        raise ConfigError(
+            f"--workers {cfg.workers} x --cpus-per-worker {cfg.cpus_per_worker} (+ scorer and sink) reserve "
+            f"{reserved:.2f} of this machine's {total:.0f} CPUs; leave at least one free for reading the input"
+        )
+
+
+def read_validated(cfg, pending: list[InputShard], storage: Storage, dupes: frozenset[str]):
+    """read_parquet (graph columns only, with each row's file) -> validated rows (VALIDATED_SCHEMA)."""
+    import ray
+
+    from workers.validate import GRAPH_COLUMNS, validate_batch
+
+    limits = ValidationLimits(max_text_chars=cfg.max_text_chars, max_objects=cfg.max_objects,
+                              max_relations=cfg.max_relations)
+    paths, fs, shard_of_path = parquet_paths(storage, pending)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=input_columns(storage, pending[0], GRAPH_COLUMNS),
+                               include_paths=True, ray_remote_args={"num_cpus": READ_CPUS})
+    return ds.map_batches(validate_batch, fn_args=(limits, dupes, shard_of_path), batch_format="pyarrow",
+                          num_cpus=READ_CPUS, batch_size=256)
+
+
+def generation_settings(cfg, gpus: float, steps: int | None = None):
+    from workers.generator import GenerationSettings
+
+    return GenerationSettings(
+        model=cfg.model, steps=steps or cfg.steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width,
+        samples_per_graph=cfg.samples_per_graph, base_seed=cfg.seed, precision=cfg.precision,
+        scheduler=cfg.scheduler, use_gpu=gpus > 0, threads=cfg.threads_per_worker, compile=cfg.compile,
+    )
+
+
+def generator_stage(ds, cfg, actor_cls, constructor_args: tuple, gpus: float):
+    """The pool of GPU-resident model actors (autoscaling between --workers MIN,MAX)."""
+    from ray.data import ActorPoolStrategy
+
+    low, high = cfg.worker_range
+    return ds.map_batches(actor_cls, fn_constructor_args=constructor_args, batch_format="pyarrow",
+                          batch_size=cfg.batch_size, compute=ActorPoolStrategy(min_size=low, max_size=high),
+                          num_gpus=gpus, num_cpus=cfg.cpus_per_worker)
+
+
+def sink_stage(ds, cfg, run_uri: str, model_fp: str, storage: Storage):
+    from ray.data import ActorPoolStrategy
+
+    from workers.sink import Sink, SinkSettings
+
+    sink = SinkSettings(run_uri=run_uri, output_format=cfg.output_format, model_fingerprint=model_fp)
+    return ds.map_batches(Sink, fn_constructor_args=(sink, storage.settings), batch_format="pyarrow",
+                          batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=SINK_CPUS)

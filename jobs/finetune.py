@@ -98,6 +98,9 @@ class FinetuneConfig:
     """Linear warmup steps, then cosine decay to a tenth of --lr."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 = off)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999) and export it
+    (ZeRO stages 1-2, where every rank holds the full weights)."""
     steps: int | None = None
     """Optimizer steps (give this or --epochs)."""
     epochs: float | None = None
@@ -176,6 +179,9 @@ class FinetuneConfig:
             value = getattr(self, name)
             require(0.0 <= value <= 1.0, name, value, "must lie in [0, 1]")
         require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "must be > 0")
+        require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "must lie in (0, 1)")
+        require(self.ema_decay is None or self.zero_stage < 3, "ema_decay", self.ema_decay,
+                "needs --zero-stage 1 or 2 (at stage 3 no rank holds the full weights to average)")
         needs_encoder = self.lambda_recon < 1.0 or self.adversarial_weight > 0
         require(not needs_encoder or bool(self.image_encoder), "image_encoder", self.image_encoder,
                 "required when --lambda-recon < 1 or --adversarial-weight > 0 (the alignment losses need image embeddings)")
@@ -379,7 +385,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, image_size=image_size, use_gpu=cfg.use_gpu,
         threads=cfg.threads_per_worker, seed=cfg.seed, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         val_every=cfg.val_every or cfg.checkpoint_every, val_batches=cfg.val_batches, shuffle_buffer=cfg.shuffle_buffer,
-        output=cfg.output, storage=storage.settings, has_val=bool(cfg.val),
+        output=cfg.output, storage=storage.settings, has_val=bool(cfg.val), ema_decay=cfg.ema_decay,
     )
     base_fp = fingerprint(storage, cfg.base) if (is_s3(cfg.base) or os.path.isdir(cfg.base)) else f"hub:{cfg.base}"
     run_info = {

@@ -120,7 +120,8 @@ def test_zero3_bf16_loss_goes_down_and_the_export_loads_and_generates(local_ray,
 
 def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, train_table, tmp_path, monkeypatch):
     out = tmp_path / "ft"
-    cfg = config(str(train_table), tiny_model_dir, str(out), steps=20, checkpoint_every=5, trainable="unet")
+    cfg = config(str(train_table), tiny_model_dir, str(out), steps=20, checkpoint_every=5, trainable="unet",
+                 ema_decay=0.9)
     monkeypatch.setenv(CRASH_ENV, "10")  # every worker exits hard once the step-10 checkpoint is registered
     failed, code = run(cfg)
     assert code == 1 and failed["status"] == "failed" and failed["error"]
@@ -133,7 +134,7 @@ def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, 
     with pytest.raises(RunExistsError, match="--resume"):
         run(cfg)
     summary, code = run(config(str(train_table), tiny_model_dir, str(out), steps=20, checkpoint_every=5,
-                               trainable="unet", resume=True))
+                               trainable="unet", ema_decay=0.9, resume=True))
     assert code == 0, summary["error"]
     assert summary["resumed_from_step"] == 10 and summary["steps"] == 20
     lines = metrics(out)
@@ -146,6 +147,16 @@ def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, 
     assert (out / "model_index.json").is_file()
     state = json.loads((checkpoints / "step-00000020" / "trainer_state.json").read_text())
     assert state["step"] == 20 and state["resumed_from_step"] == 10 and state["samples"] == 20 * 8
+
+    # The export holds the EMA weights, continued across the restart (20 updates, not 10).
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoints / "step-00000020" / "ema.safetensors"), framework="pt") as f:
+        assert f.metadata()["updates"] == "20"
+        name = next(k for k in f.keys() if k.startswith("unet.") and k.endswith("conv_in.weight"))
+        averaged = f.get_tensor(name)
+    exported = SceneGraphDiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    assert torch.equal(exported.unet.conv_in.weight.detach(), averaged)
 
 
 def test_gated_lora_checkpoints_and_export_to_s3_then_generate_from_there(local_ray, s3_bucket, train_table, tmp_path):

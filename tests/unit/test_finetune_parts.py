@@ -21,6 +21,7 @@ from sgmodel.pipeline import SceneGraphDiffusionPipeline
 from sgmodel.train import DiffusionTrainingModule, TrainConfig
 from workers.storage import Storage
 from workers.trainer import (
+    EMA,
     BadRows,
     WorkerSettings,
     decode_batch,
@@ -189,6 +190,8 @@ def test_inspect_base_tells_scene_graph_from_stable_diffusion_folders(tmp_path):
         ({"steps": 5, "deepspeed_overrides": "{not json"}, "--deepspeed-overrides = '{not json': not valid JSON"),
         ({"steps": 5, "deepspeed_overrides": "/no/such/file.yaml"}, "no such file"),
         ({"steps": 5, "cpus_per_worker": 0.0}, "--cpus-per-worker = 0.0: must be > 0"),
+        ({"steps": 5, "ema_decay": 0.999, "zero_stage": 3}, "--ema-decay = 0.999: needs --zero-stage 1 or 2"),
+        ({"steps": 5, "ema_decay": 1.0}, "--ema-decay = 1.0: must lie in"),
     ],
 )
 def test_config_rejects_bad_flags_naming_flag_and_value(kwargs, message):
@@ -227,3 +230,18 @@ def test_the_command_line_parses_into_the_config_and_help_renders():
                                         "--no-report", "--precision", "bf16"], "finetune")
     assert (cfg.epochs, cfg.zero_stage, cfg.offload, cfg.report, cfg.precision, cfg.steps) == (1.5, 3, "cpu", False,
                                                                                                "bf16", None)
+
+
+def test_ema_warms_up_averages_in_fp32_and_round_trips_through_safetensors(tmp_path):
+    weight = torch.zeros(3, dtype=torch.bfloat16)
+    ema = EMA({"w": weight}, decay=0.9)
+    ema.update({"w": torch.ones(3, dtype=torch.bfloat16)})  # warmup: decay min(0.9, 2/11)
+    assert ema.shadow["w"].dtype == torch.float32
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), 1 - 2 / 11))
+    for _ in range(200):
+        ema.update({"w": torch.ones(3)})
+    assert torch.allclose(ema.shadow["w"], torch.ones(3), atol=1e-6)
+    ema.save(tmp_path / "ema.safetensors")
+    again = EMA({"w": torch.zeros(3)}, decay=0.9)
+    again.load(tmp_path / "ema.safetensors")
+    assert again.updates == 201 and torch.equal(again.shadow["w"], ema.shadow["w"])

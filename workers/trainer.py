@@ -618,7 +618,10 @@ def train_loop_per_worker(config: dict) -> None:
         ema = EMA(trainable_named(engine.module), settings.ema_decay)
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                ema.load(Path(folder) / EMA_FILE)
+                if (Path(folder) / EMA_FILE).is_file():
+                    ema.load(Path(folder) / EMA_FILE)
+                else:
+                    logger.warning("the checkpoint has no EMA weights: the average starts at step %d", state.step)
     bad = BadRows()
     bad.merge(state.bad_rows)
     if rank == 0 and state.history:
@@ -628,8 +631,8 @@ def train_loop_per_worker(config: dict) -> None:
                           rank, settings.seed + 1000 * state.step, settings.shuffle_buffer)
     val = None
     if settings.has_val:
-        val = SyncedBatches(ray.train.get_dataset_shard("val"), settings.micro_batch, settings.image_size, bad,
-                            rank, settings.seed, 0)
+        val = SyncedBatches(ray.train.get_dataset_shard("val"), settings.micro_batch, settings.image_size,
+                            BadRows(), rank, settings.seed, 0)  # bad validation rows are logged, not counted
 
     def validate() -> float:
         engine.eval()

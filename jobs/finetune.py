@@ -253,8 +253,11 @@ def read_model_config(storage: Storage, base: str, name: str) -> dict | None:
 def inspect_base(storage: Storage, base: str) -> tuple[str, int]:
     """(kind, training image size) of ``--base`` from its model_index.json and unet/vae configs."""
     index = read_model_config(storage, base, "model_index.json")
-    if index is None:
-        raise ConfigError(f"--base = {base!r}: no model_index.json (expected a diffusers pipeline folder or hub id)")
+    if index is None:  # a folder assembled by hand: recognise Stable Diffusion by its component configs
+        parts = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
+        if not all(read_model_config(storage, base, part) is not None for part in parts):
+            raise ConfigError(f"--base = {base!r}: no model_index.json (expected a diffusers pipeline folder or hub id)")
+        index = {"unet": [], "vae": [], "text_encoder": [], "tokenizer": []}
     cls = index.get("_class_name", "")
     if cls == "SceneGraphDiffusionPipeline":
         kind = "scene_graph"

@@ -21,6 +21,7 @@ from sgmodel.graph import graph_to_row, parse_graph
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
 from sgmodel.train import lr_factor
 from tests.integration.jobdata import write_shards
+from tests.unit.test_pipeline import tiny_sd_folder  # noqa: F401 - a fixture
 from workers.trainer import CRASH_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -157,6 +158,28 @@ def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, 
         averaged = f.get_tensor(name)
     exported = SceneGraphDiffusionPipeline.from_pretrained(out, use_safetensors=True)
     assert torch.equal(exported.unet.conv_in.weight.detach(), averaged)
+
+
+def test_stable_diffusion_base_gets_a_graph_encoder_and_exports_a_latent_pipeline(
+    local_ray, tiny_sd_folder, train_table, tmp_path  # noqa: F811 - the fixture imported above
+):
+    out = tmp_path / "ft"
+    summary, code = run(config(str(train_table), str(tiny_sd_folder), str(out), steps=4, checkpoint_every=4,
+                               log_every=2, conditioning="gated", trainable="conditioning", lr=1e-3))
+    assert code == 0, summary["error"]
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["base_kind"] == "stable_diffusion" and run_json["image_size"] == 16  # 8 latents x VAE factor 2
+    tuned = SceneGraphDiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    tuned.set_progress_bar_config(disable=True)
+    assert tuned.vae is not None and tuned.unet.config.attention_type == "gated"
+    assert tuned.conditioner.config.mode == "gated" and tuned.conditioner.config.cross_attention_dim == 16
+    images = sample(tuned)
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    # Only the conditioning trained: the UNet's original weights came through unchanged.
+    from diffusers import UNet2DConditionModel
+
+    original = UNet2DConditionModel.from_pretrained(tiny_sd_folder / "unet")
+    assert torch.equal(tuned.unet.conv_in.weight, original.conv_in.weight)
 
 
 def test_gated_lora_checkpoints_and_export_to_s3_then_generate_from_there(local_ray, s3_bucket, train_table, tmp_path):

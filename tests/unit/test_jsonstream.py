@@ -17,7 +17,7 @@ json_values = st.recursive(
         st.booleans(),
         st.integers(min_value=-(10**30), max_value=10**30),
         st.floats(allow_nan=False, allow_infinity=False),
-        st.text(st.characters(), max_size=8),
+        st.text(st.characters(codec="utf-8"), max_size=8),  # a file holds UTF-8: no lone surrogates
     ),
     lambda children: st.one_of(
         st.lists(children, max_size=4), st.dictionaries(st.text(max_size=5), children, max_size=4)

@@ -18,8 +18,19 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 
 setup: $(BIN)/.installed
 
+# The main job on the embedded default: local Ray, the demo model and segmenter, the bundled
+# shapes graphs; prints where the images, the summary and the report are.
 demo: setup
-	$(BIN)/python -m jobs.prepare sg2im --input jobs/samples/graphs.json --output $(DEMO_OUT)/sample_graphs
+	$(BIN)/python -m jobs.generate --output $(DEMO_OUT) --run-id demo --overwrite
+
+# Benchmarks print figures measured side by side; each takes minutes (see README).
+bench: setup
+	$(BIN)/python benchmarks/shapes_quality.py --grid docs/samples.png
+	$(BIN)/python benchmarks/text_cache.py
+	$(BIN)/python benchmarks/prepare_vg.py
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/sbpc.py
+	$(BIN)/python benchmarks/finetune_scaling.py
 
 test: setup
 	bash scripts/ensure-chromium.sh

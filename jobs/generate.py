@@ -239,9 +239,8 @@ def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None)
     code = exit_code(summary, cfg.max_error_fraction)
     summary["status"] = "succeeded" if code == 0 else "failed"
     layout.write_json("summary.json", summary)
-    if cfg.report:
-        write_report(layout, cfg.report_max_images)
-    print_result(layout, summary)
+    report = write_report(layout, cfg.report_max_images) if cfg.report else None
+    print_result(layout, summary, report)
     return summary, code
 
 
@@ -256,19 +255,18 @@ def exit_code(summary: dict, max_error_fraction: float) -> int:
     return 0
 
 
-def write_report(layout: RunLayout, max_images: int) -> None:
-    """The HTML report; a failure to draw it never fails the run."""
+def write_report(layout: RunLayout, max_images: int) -> str | None:
+    """The HTML report's location; a failure to draw it never fails the run (None then)."""
+    from jobs.report import build_report
+
     try:
-        from jobs.report import build_report
-    except ImportError:
-        return
-    try:
-        build_report(layout.storage, layout.uri, max_images=max_images)
+        return build_report(layout.storage, layout.uri, max_images=max_images)
     except Exception:  # noqa: BLE001 - the data is written; the report is a convenience
         logger.exception("could not write the report for %s", layout.uri)
+        return None
 
 
-def print_result(layout: RunLayout, summary: dict) -> None:
+def print_result(layout: RunLayout, summary: dict, report: str | None = None) -> None:
     recall = summary["recall"].get("mean")
     print(f"\nrun {summary['status']}: {summary['rows_in']} rows -> {summary['images']} images, "
           f"{summary['errors']} errors" + (f", mean recall {recall:.3f}" if recall is not None else ""))
@@ -276,6 +274,8 @@ def print_result(layout: RunLayout, summary: dict) -> None:
     print(f"summary: {layout.path('summary.json')}")
     if summary["errors"]:
         print(f"errors:  {layout.path('errors')}  {summary['errors_by_reason']}")
+    if report:
+        print(f"report:  {report}")
 
 
 def job_main(config_cls, run_fn, argv: Sequence[str] | None, prog: str) -> int:

@@ -6,6 +6,7 @@ reads can be scheduled side by side (Ray Data lists input files in a task needin
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -60,9 +61,16 @@ def read_validated(cfg, pending: list[InputShard], storage: Storage, dupes: froz
                               max_relations=cfg.max_relations)
     paths, fs, shard_of_path = parquet_paths(storage, pending)
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=input_columns(storage, pending[0], GRAPH_COLUMNS),
-                               include_paths=True, ray_remote_args={"num_cpus": READ_CPUS})
+                               include_paths=True, **read_cpus_argument(ray.data.read_parquet))
     return ds.map_batches(validate_batch, fn_args=(limits, dupes, shard_of_path), batch_format="pyarrow",
                           num_cpus=READ_CPUS, batch_size=256)
+
+
+def read_cpus_argument(read_fn) -> dict:
+    """CPUs per read task: a named parameter in newer Ray, ``ray_remote_args`` (deprecated there) before."""
+    if "num_cpus" in inspect.signature(read_fn).parameters:
+        return {"num_cpus": READ_CPUS}
+    return {"ray_remote_args": {"num_cpus": READ_CPUS}}
 
 
 def generation_settings(cfg, gpus: float, steps: int | None = None):

@@ -1,8 +1,9 @@
 """Text embeddings for labels, attributes, predicates and captions, over any Hugging Face text model.
 
 Scene graphs repeat a small vocabulary ("person", "left of", …) many times, so the embedder
-encodes each *distinct* string of a batch once and keeps it in a bounded LRU cache: encoder
-calls grow with the number of distinct strings, not with the number of objects.
+encodes each *distinct* string once, on its own, and keeps it in a bounded LRU cache: encoder
+calls grow with the number of distinct strings, not with the number of objects, and a string's
+vector does not depend on what else was in the batch.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class TextEmbedder:
         return pooled, hidden, mask
 
     def embed(self, texts: Sequence[str], use_cache: bool = True) -> torch.Tensor:
-        """Pooled embeddings [len(texts), E], one encoder call for all uncached distinct strings.
+        """Pooled embeddings [len(texts), E]: one encoder call per uncached distinct string.
 
         With ``use_cache=False`` (training the text encoder) the call keeps its autograd graph.
         """
@@ -92,12 +93,11 @@ class TextEmbedder:
             pooled, _, _ = self._encode(unique)
             index = {t: i for i, t in enumerate(unique)}
             return pooled[torch.tensor([index[t] for t in texts], device=pooled.device)]
-        missing = [t for t in unique if t not in self._cache]
-        if missing:
+        # Each new string is encoded on its own: batched, its vector would depend (in the last bits) on
+        # which strings happened to share the call, and a job's images on the order batches arrived.
+        for text in (t for t in unique if t not in self._cache):
             with torch.no_grad():
-                pooled, _, _ = self._encode(missing)
-            for text, vec in zip(missing, pooled.detach()):
-                self._cache[text] = vec
+                self._cache[text] = self._encode([text])[0][0].detach()
         rows = []
         for text in texts:
             vec = self._cache.get(text)

@@ -31,7 +31,6 @@ values; ``--markdown`` writes the tables for the README, ``--json`` every figure
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from shapes_quality import HELD_OUT_SEED, held_out_graphs  # noqa: E402
+from shapes_quality import HELD_OUT_SEED, held_out_graphs, write_json  # noqa: E402
 
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER  # noqa: E402
 from jobs.generate import GenerateConfig  # noqa: E402
@@ -387,8 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text("\n".join(md))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(args.json, figures)
     return figures
 
 

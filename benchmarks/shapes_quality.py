@@ -38,6 +38,12 @@ HELD_OUT_SEED = 2_000_029
 """Shapes stream of the evaluation graphs; the checkpoints were trained on stream 0."""
 
 
+def write_json(path: Path, figures: dict) -> None:
+    """Every figure of a benchmark run, for the README and for comparing runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2))
+
+
 def held_out_graphs(count: int, seed: int, size: int) -> list[SceneGraph]:
     """Graphs as a user would give them: objects, boxes, relations; no caption, no image."""
     graphs = []
@@ -151,8 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_grid(args.grid, images, graphs, matched)
         print(f"sample grid: {args.grid}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(args.json, figures)
     return figures
 
 

@@ -133,16 +133,20 @@ class LocalRayCluster:
             raise RuntimeError(f"`ray start` failed (exit {proc.returncode}):\n{self.start_output}")
         self.wait_for_dashboard(deadline=time.monotonic() + timeout)
 
+    def dashboard_json(self, api: str, timeout: float):
+        """GET a dashboard API path with this cluster's token (token auth is on), parsed as JSON."""
+        request = urllib.request.Request(f"{self.dashboard_url}{api}",
+                                         headers={"Authorization": f"Bearer {self.auth_token}"})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return json.loads(r.read())
+
     def wait_for_dashboard(self, deadline: float) -> None:
         """Until the dashboard's job API answers (the job server is what ``ray job submit`` talks to)."""
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
                 for api in ("/api/version", "/api/jobs/"):
-                    request = urllib.request.Request(f"{self.dashboard_url}{api}",
-                                                     headers={"Authorization": f"Bearer {self.auth_token}"})
-                    with urllib.request.urlopen(request, timeout=2) as r:
-                        json.loads(r.read())
+                    self.dashboard_json(api, timeout=2)
                 return
             except (urllib.error.URLError, OSError, ValueError) as e:
                 last = e
@@ -193,11 +197,8 @@ class LocalRayCluster:
 
     def job_status(self, submission_id: str) -> str:
         """The job's status from the job server's REST API (the one ``ray job status`` prints)."""
-        request = urllib.request.Request(f"{self.dashboard_url}/api/jobs/{submission_id}",
-                                         headers={"Authorization": f"Bearer {self.auth_token}"})
         try:
-            with urllib.request.urlopen(request, timeout=10) as r:
-                return json.loads(r.read())["status"]
+            return self.dashboard_json(f"/api/jobs/{submission_id}", timeout=10)["status"]
         except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
             return f"UNKNOWN ({e})"
 
@@ -205,7 +206,7 @@ class LocalRayCluster:
         return self.cli("job", "logs", "--address", self.dashboard_url, submission_id, timeout=60).stdout
 
     def wait_for_job(self, submission_id: str, timeout: float, poll: float = 2.0) -> str:
-        """Poll ``ray job status`` until a terminal status or the timeout; returns the last status."""
+        """Poll the job's status until it is terminal or the timeout passes; returns the last status."""
         deadline = time.monotonic() + timeout
         status = "UNKNOWN"
         while time.monotonic() < deadline:

@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/prepare_vg.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/sbpc.py
+	$(BIN)/python benchmarks/sbpc_drafts.py
 	$(BIN)/python benchmarks/finetune_scaling.py
 
 test: setup

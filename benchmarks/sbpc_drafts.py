@@ -1,0 +1,181 @@
+"""How well does a cheap draft predict the final image's recall? (Issue 6: draft SBPC's recall target.)
+
+    python benchmarks/sbpc_drafts.py [--count 32] [--candidates 8] [--final-steps 25] [--draft-steps 3]
+        [--prefix-steps 3 4 6] [--json drafts.json]
+
+Truth: every candidate of every held-out graph (the SBPC job's index-derived seeds) rendered at
+``--final-steps`` with the model's own scheduler and scored by the segmenter. Each draft predictor
+scores the same candidates cheaply; a graph's pick under the predictor (recall, then relation
+score, then the lowest index, as in the job) is looked up in the truth, so "final recall" is what
+draft SBPC with that predictor outputs and naive best-of-N is its ceiling. Predictors:
+
+- ``ddim S``: the job's draft, S steps of the model's DDIM from the same noise;
+- ``dpm S`` / ``dpm S thr``: DPM-Solver++ (2M) with S steps, plain and with x0 thresholded to
+  [-1, 1] (as the model's DDIM clips);
+- ``prefix m``: the x0-prediction after the first m steps of the final render itself; the winner
+  would continue from there, so its final image is naive's and the first m steps are shared.
+
+Cost per graph in UNet evaluations (guidance batched): naive N x F, draft N x S + F, prefix
+N x m + F - m; "step speed-up" = naive / that. Also printed: how often the pick is naive's winner
+and the correlation of draft recall with final recall over all candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sbpc import JOB_GUIDANCE, JOB_SEED, JOB_STEPS, fmt, text_table  # noqa: E402
+from shapes_quality import HELD_OUT_SEED, held_out_graphs, write_json  # noqa: E402
+
+from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER  # noqa: E402
+from sgmodel.graph import SceneGraph  # noqa: E402
+from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
+from sgmodel.recall import RecallResult, SegmentationScorer  # noqa: E402
+from sgmodel.sbpc import Candidate, candidate_seed, pick_winner, pipeline_generate_fn  # noqa: E402
+
+Render = Callable[[list[SceneGraph], list[int]], list[np.ndarray]]
+
+
+class _Enough(Exception):
+    """Ends the pipeline's denoising loop once the prefix has been run."""
+
+
+def prefix_render(pipe: SceneGraphDiffusionPipeline, steps: int, prefix: int, guidance: float) -> Render:
+    """Images of the x0-prediction after ``prefix`` of the ``steps`` final steps (the pipeline's own loop)."""
+
+    def render(graphs: list[SceneGraph], seeds: list[int]) -> list[np.ndarray]:
+        scheduler, predictions = pipe.scheduler, []
+        original = scheduler.step
+
+        def step(*args, **kwargs):
+            out = original(*args, **kwargs)
+            predictions.append(out.pred_original_sample)
+            if len(predictions) == prefix:
+                raise _Enough
+            return out
+
+        scheduler.step = step  # instance attribute: shadows the method for this call only
+        try:
+            pipe(graphs, num_inference_steps=steps, guidance_scale=guidance, seeds=seeds, output_type="np")
+        except _Enough:
+            pass
+        finally:
+            del scheduler.step
+        images = pipe.to_output(pipe.decode(predictions[-1]), "np")
+        return [(im * 255).round().clip(0, 255).astype(np.uint8) for im in images]
+
+    return render
+
+
+def scheduler_render(pipe: SceneGraphDiffusionPipeline, scheduler, steps: int, guidance: float) -> Render:
+    """Images of ``steps`` steps of another scheduler (same noise schedule, same initial noise)."""
+    generate = pipeline_generate_fn(pipe, guidance)
+
+    def render(graphs: list[SceneGraph], seeds: list[int]) -> list[np.ndarray]:
+        own, pipe.scheduler = pipe.scheduler, scheduler
+        try:
+            return generate(graphs, seeds, steps, pipe.default_size, pipe.default_size)
+        finally:
+            pipe.scheduler = own
+
+    return render
+
+
+def score_all(render: Render, scorer: SegmentationScorer, graphs: list[SceneGraph], n: int, seed: int,
+              chunk: int) -> tuple[list[list[RecallResult]], float]:
+    """Per graph, the RecallResult of candidates 0..n-1; and the seconds it took."""
+    jobs = [(g, i) for g in range(len(graphs)) for i in range(n)]
+    results: list[list[RecallResult]] = [[] for _ in graphs]
+    started = time.perf_counter()
+    for begin in range(0, len(jobs), chunk):
+        part = jobs[begin:begin + chunk]
+        batch = [graphs[g] for g, _ in part]
+        images = render(batch, [candidate_seed(graphs[g], seed, i) for g, i in part])
+        for (g, _), res in zip(part, scorer.score(images, batch)):
+            results[g].append(res)
+    return results, time.perf_counter() - started
+
+
+def picks(results: list[list[RecallResult]]) -> list[int]:
+    return [pick_winner([Candidate(i, 0, r) for i, r in enumerate(per)]).index for per in results]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=32, help="held-out shapes graphs")
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--final-steps", type=int, default=JOB_STEPS)
+    parser.add_argument("--draft-steps", type=int, default=3)
+    parser.add_argument("--prefix-steps", type=int, nargs="+", default=[3, 4, 6])
+    parser.add_argument("--guidance", type=float, default=JOB_GUIDANCE)
+    parser.add_argument("--seed", type=int, default=JOB_SEED)
+    parser.add_argument("--model", default=str(DEMO_MODEL))
+    parser.add_argument("--segmenter", default=str(DEMO_SEGMENTER))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=64, help="images per generate call")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = SceneGraphDiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    scorer = SegmentationScorer.from_pretrained(args.segmenter, batch_size=args.chunk)
+    graphs = held_out_graphs(args.count, HELD_OUT_SEED, pipe.default_size)
+    n, f, s = args.candidates, args.final_steps, args.draft_steps
+    base = pipe.scheduler.config
+
+    truth, truth_seconds = score_all(scheduler_render(pipe, pipe.scheduler, f, args.guidance), scorer, graphs, n,
+                                     args.seed, args.chunk)
+    naive = picks(truth)
+    predictors: list[tuple[str, int, int, Render]] = [  # name, evals per candidate, evals shared with the final
+        (f"ddim {s}", s, 0, scheduler_render(pipe, pipe.scheduler, s, args.guidance)),
+        (f"dpm {s}", s, 0, scheduler_render(pipe, DPMSolverMultistepScheduler.from_config(base), s, args.guidance)),
+        (f"dpm {s} thr", s, 0, scheduler_render(
+            pipe, DPMSolverMultistepScheduler.from_config(base, thresholding=True, sample_max_value=1.0), s,
+            args.guidance)),
+        *((f"prefix {m}", m, m, prefix_render(pipe, f, m, args.guidance)) for m in args.prefix_steps),
+    ]
+    final_of = lambda chosen: statistics.fmean(truth[g][i].recall for g, i in enumerate(chosen))  # noqa: E731
+    rows = [{"predictor": f"naive (truth, {f} steps)", "evals": f, "step_speedup": 1.0, "final_recall": final_of(naive),
+             "same_winner": len(graphs), "corr": 1.0, "seconds": truth_seconds}]
+    rows.append({"predictor": "N=1", "evals": f, "step_speedup": float(n), "final_recall": final_of([0] * len(graphs)),
+                 "same_winner": sum(w == 0 for w in naive), "corr": None, "seconds": truth_seconds / n})
+    flat_truth = [r.recall for per in truth for r in per]
+    for name, evals, shared, render in predictors:
+        drafts, seconds = score_all(render, scorer, graphs, n, args.seed, args.chunk)
+        chosen = picks(drafts)
+        flat = [r.recall for per in drafts for r in per]
+        corr = float(np.corrcoef(flat, flat_truth)[0, 1]) if np.std(flat) and np.std(flat_truth) else None
+        rows.append({"predictor": name, "evals": evals, "step_speedup": n * f / (n * evals + f - shared),
+                     "final_recall": final_of(chosen), "same_winner": sum(a == b for a, b in zip(chosen, naive)),
+                     "corr": corr, "seconds": seconds})
+        print(f"  {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
+
+    header = ["predictor", "evals / cand.", "step speed-up", "final recall", "same winner as naive",
+              "corr. with final"]
+    cells = [[r["predictor"], f"{r['evals']:g}", f"{r['step_speedup']:.2f}x", fmt(r["final_recall"]),
+              f"{r['same_winner']}/{len(graphs)}", fmt(r["corr"])] for r in rows]
+    print(f"\nDraft predictors on {len(graphs)} held-out shapes graphs x {n} candidates, demo model, {f} final steps, "
+          f"guidance {args.guidance}")
+    print(text_table(header, cells))
+    figures = {"count": len(graphs), "candidates": n, "final_steps": f, "guidance": args.guidance, "rows": rows}
+    if args.json:
+        write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
 
     def final_of(chosen: list[int]) -> float:
-        """Mean 25-step recall of the chosen candidate of each graph: what draft SBPC would output."""
+        """Mean final-step recall of each graph's chosen candidate: what draft SBPC would output."""
         return statistics.fmean(truth[g][i].recall for g, i in enumerate(chosen))
 
     rows = [{"predictor": f"naive (truth, {f} steps)", "evals": f, "step_speedup": 1.0, "final_recall": final_of(naive),

@@ -338,13 +338,10 @@ def actor_threads(cfg) -> dict:
 
 
 def start_ray(cpus: int) -> None:
-    """A local instance, with the Ray Data settings ``jobs.runs.init_ray`` applies when it starts Ray itself."""
+    """A local instance started once; each job's ``init_ray`` then joins it and sets its Ray Data options."""
     import ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    ctx.execution_options.preserve_order = False
 
 
 def throughput(args, scratch: Path, cpus: int) -> bool:

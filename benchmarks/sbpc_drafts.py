@@ -1,7 +1,7 @@
 """How well does a cheap draft predict the final image's recall? (Issue 6: draft SBPC's recall target.)
 
     python benchmarks/sbpc_drafts.py [--count 32] [--candidates 8] [--final-steps 25] [--draft-steps 3]
-        [--prefix-steps 3 4 6] [--json drafts.json]
+        [--prefix-steps 3 4 6] [--small-drafts 32:6 32:10 16:6 16:10] [--json drafts.json]
 
 Truth: every candidate of every held-out graph (the SBPC job's index-derived seeds) rendered at
 ``--final-steps`` with the model's own scheduler and scored by the segmenter. Each draft predictor
@@ -13,10 +13,14 @@ draft SBPC with that predictor outputs and naive best-of-N is its ceiling. Predi
 - ``dpm S`` / ``dpm S thr``: DPM-Solver++ (2M) with S steps, plain and with x0 thresholded to
   [-1, 1] (as the model's DDIM clips);
 - ``prefix m``: the x0-prediction after the first m steps of the final render itself; the winner
-  would continue from there, so its final image is naive's and the first m steps are shared.
+  would continue from there, so its final image is naive's and the first m steps are shared;
+- ``ddim S @ P px``: the job's ``--draft-steps S --draft-size P`` (P at the model's size: more
+  draft steps; smaller: the full-size noise average-pooled, as the job does).
 
 Cost per graph in UNet evaluations (guidance batched): naive N x F, draft N x S + F, prefix
-N x m + F - m; "step speed-up" = naive / that. Also printed: how often the pick is naive's winner
+N x m + F - m; "step speed-up" = naive / that. "time speed-up" is measured: naive's seconds over
+the predictor's seconds plus one final render per graph (a smaller draft costs fewer seconds, not
+fewer evaluations). Also printed: how often the pick is naive's winner
 and the correlation of draft recall with final recall over all candidates.
 """
 
@@ -79,14 +83,16 @@ def prefix_render(pipe: SceneGraphDiffusionPipeline, steps: int, prefix: int, gu
     return render
 
 
-def scheduler_render(pipe: SceneGraphDiffusionPipeline, scheduler, steps: int, guidance: float) -> Render:
-    """Images of ``steps`` steps of another scheduler (same noise schedule, same initial noise)."""
+def scheduler_render(pipe: SceneGraphDiffusionPipeline, scheduler, steps: int, guidance: float,
+                     size: int | None = None) -> Render:
+    """Images of ``steps`` steps of a scheduler from the same initial noise (average-pooled when ``size`` is smaller)."""
     generate = pipeline_generate_fn(pipe, guidance)
+    size = size or pipe.default_size
 
     def render(graphs: list[SceneGraph], seeds: list[int]) -> list[np.ndarray]:
         own, pipe.scheduler = pipe.scheduler, scheduler
         try:
-            return generate(graphs, seeds, steps, pipe.default_size, pipe.default_size)
+            return generate(graphs, seeds, steps, size, size)
         finally:
             pipe.scheduler = own
 
@@ -118,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--final-steps", type=int, default=JOB_STEPS)
     parser.add_argument("--draft-steps", type=int, default=3)
-    parser.add_argument("--prefix-steps", type=int, nargs="+", default=[3, 4, 6])
+    parser.add_argument("--prefix-steps", type=int, nargs="*", default=[3, 4, 6])
+    parser.add_argument("--small-drafts", nargs="*", default=["32:6", "32:10", "16:6", "16:10"], metavar="PX:STEPS",
+                        help="DDIM drafts at a smaller size (the job's --draft-size), from the pooled full-size noise")
     parser.add_argument("--guidance", type=float, default=JOB_GUIDANCE)
     parser.add_argument("--seed", type=int, default=JOB_SEED)
     parser.add_argument("--model", default=str(DEMO_MODEL))
@@ -147,15 +155,19 @@ def main(argv: list[str] | None = None) -> dict:
             pipe, DPMSolverMultistepScheduler.from_config(base, thresholding=True, sample_max_value=1.0), s,
             args.guidance)),
         *((f"prefix {m}", m, m, prefix_render(pipe, f, m, args.guidance)) for m in args.prefix_steps),
+        *((f"ddim {st} @ {px} px", int(st), 0, scheduler_render(pipe, pipe.scheduler, int(st), args.guidance, int(px)))
+          for px, st in (d.split(":") for d in args.small_drafts)),
     ]
 
     def final_of(chosen: list[int]) -> float:
         """Mean final-step recall of each graph's chosen candidate: what draft SBPC would output."""
         return statistics.fmean(truth[g][i].recall for g, i in enumerate(chosen))
 
-    rows = [{"predictor": f"naive (truth, {f} steps)", "evals": f, "step_speedup": 1.0, "final_recall": final_of(naive),
+    rows = [{"predictor": f"naive (truth, {f} steps)", "evals": f, "step_speedup": 1.0, "time_speedup": 1.0,
+             "final_recall": final_of(naive),
              "same_winner": len(graphs), "corr": 1.0, "seconds": truth_seconds}]
-    rows.append({"predictor": "N=1", "evals": f, "step_speedup": float(n), "final_recall": final_of([0] * len(graphs)),
+    rows.append({"predictor": "N=1", "evals": f, "step_speedup": float(n), "time_speedup": float(n),
+                 "final_recall": final_of([0] * len(graphs)),
                  "same_winner": sum(w == 0 for w in naive), "corr": None, "seconds": truth_seconds / n})
     flat_truth = [r.recall for per in truth for r in per]
     for name, evals, shared, render in predictors:
@@ -163,14 +175,17 @@ def main(argv: list[str] | None = None) -> dict:
         chosen = picks(drafts)
         flat = [r.recall for per in drafts for r in per]
         corr = float(np.corrcoef(flat, flat_truth)[0, 1]) if np.std(flat) and np.std(flat_truth) else None
+        final_seconds = truth_seconds / n * (f - shared) / f  # the winner's render, minus any shared steps
         rows.append({"predictor": name, "evals": evals, "step_speedup": n * f / (n * evals + f - shared),
+                     "time_speedup": truth_seconds / (seconds + final_seconds),
                      "final_recall": final_of(chosen), "same_winner": sum(a == b for a, b in zip(chosen, naive)),
                      "corr": corr, "seconds": seconds})
         print(f"  {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
 
-    header = ["predictor", "evals / cand.", "step speed-up", "final recall", "same winner as naive",
+    header = ["predictor", "evals / cand.", "step speed-up", "time speed-up", "final recall", "same winner as naive",
               "corr. with final"]
-    cells = [[r["predictor"], f"{r['evals']:g}", f"{r['step_speedup']:.2f}x", fmt(r["final_recall"]),
+    cells = [[r["predictor"], f"{r['evals']:g}", f"{r['step_speedup']:.2f}x",
+              f"{r['time_speedup']:.2f}x", fmt(r["final_recall"]),
               f"{r['same_winner']}/{len(graphs)}", fmt(r["corr"])] for r in rows]
     print(f"\nDraft predictors on {len(graphs)} held-out shapes graphs x {n} candidates, demo model, {f} final steps, "
           f"guidance {args.guidance}")

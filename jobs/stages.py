@@ -16,6 +16,8 @@ from sgmodel.graph import ValidationLimits
 from workers.storage import Storage
 
 READ_CPUS, SINK_CPUS, SCORER_CPUS = 0.1, 0.1, 0.25
+SINK_ROWS = 256
+"""Rows per sink call: each call writes one metadata file (and one tar in WebDataset output) per input shard."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ def generator_stage(ds, cfg, actor_cls, constructor_args: tuple, gpus: float):
     from ray.data import ActorPoolStrategy
 
     low, high = cfg.worker_range
+    # Ray Data hands an actor whole blocks, and small input files are read as one block: without
+    # this split one actor of the pool would get every row while the others idle.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     return ds.map_batches(actor_cls, fn_constructor_args=constructor_args, batch_format="pyarrow",
                           batch_size=cfg.batch_size, compute=ActorPoolStrategy(min_size=low, max_size=high),
                           num_gpus=gpus, num_cpus=cfg.cpus_per_worker)
@@ -100,4 +105,4 @@ def sink_stage(ds, cfg, run_uri: str, model_fp: str, storage: Storage):
 
     sink = SinkSettings(run_uri=run_uri, output_format=cfg.output_format, model_fingerprint=model_fp)
     return ds.map_batches(Sink, fn_constructor_args=(sink, storage.settings), batch_format="pyarrow",
-                          batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=SINK_CPUS)
+                          batch_size=SINK_ROWS, compute=ActorPoolStrategy(size=1), num_cpus=SINK_CPUS)

@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                      # ~15 min on 2 cores
     python benchmarks/overhead.py --rows 48 --steps 2 --rows-per-shard 16 --memory-rows 32 --memory-factor 2  # plumbing
     python benchmarks/overhead.py --skip-memory        # or --skip-throughput
+    python benchmarks/overhead.py --skip-memory --workers 2 --threads-per-worker 1 --cpus-per-worker 0.3  # CPU layout
 
 Inputs are shapes graphs written by the project's own ``prepare shapes`` (Parquet shards of
 ``--rows-per-shard`` rows, a multiple of the batch size, so that job and bare loop see the same
@@ -18,10 +19,11 @@ Throughput, steady state (model load, Ray and actor start-up excluded):
   after the first batch / seconds from the end of the first batch to the end of the last. The
   pipe-only rate (no PNG) is printed too.
 * job: ``jobs.generate.run(GenerateConfig(...))`` in this process on a local ``ray.init(num_cpus=N)``
-  started once beforehand (plus one discarded warm-up run), ``--workers 1``, ``report=False``, PNG
+  started once beforehand (plus one discarded warm-up run), ``--workers 1`` (or ``--workers``,
+  ``--threads-per-worker``, ``--cpus-per-worker`` as given), ``report=False``, PNG
   output to a temporary folder: Parquet read, validation, the generator actor, the scorer actor when
   scoring is on, the sink, markers, summary.json. Once with ``--segmenter none`` (scoring off), once
-  with the shapes segmenter. The job writes its output per Ray Data block, not per batch, so there is
+  with the shapes segmenter. The job writes its output per sink call (up to 256 rows), so there is
   no per-batch clock outside the actors: steady images/s = (large - small) images / (wall of the
   large run - mean wall of a small run before and after it), i.e. the marginal cost of an image; the
   fixed costs (actor start-up, model load, the first batch, summary) cancel. The job's own
@@ -29,6 +31,10 @@ Throughput, steady state (model load, Ray and actor start-up excluded):
   model load) is printed next to it, as is the fixed cost the two rates imply.
 
 Target: job/bare >= 0.85 with scoring off.
+
+With more than one generator actor or a thread count, the same layout is also run without Ray
+(that many bare loops in spawned processes side by side, each on every Nth graph; rates summed),
+so the job's own overhead stays visible when its layout differs from the single in-process loop.
 
 A background thread samples every process under this one (psutil) during each job run; the extra
 CPU seconds of the large run over the small ones, per extra second, are printed per role
@@ -52,6 +58,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,7 +240,7 @@ class Measured:
     extra: dict = field(default_factory=dict)
 
 
-def bare_loop(model: str, graphs, batch_size: int, steps: int, guidance: float) -> Measured:
+def bare_loop(model: str, graphs, batch_size: int, steps: int, guidance: float, threads: int | None = None) -> Measured:
     import torch
 
     from workers.generator import encode_png, sample_seed
@@ -242,7 +249,7 @@ def bare_loop(model: str, graphs, batch_size: int, steps: int, guidance: float) 
     sampler = Sampler(os.getpid(), interval=0.5)
     sampler.start()
     started = time.perf_counter()
-    threads = set_threads(None)  # what the generator actor does with the default --threads-per-worker
+    threads = set_threads(threads)  # what the generator actor does with its --threads-per-worker
     pipe = load_pipeline(model, torch.device("cpu"), torch.float32)
     loaded = time.perf_counter()
     ends, pipe_seconds, png_seconds, sizes = [], [], [], []
@@ -271,6 +278,25 @@ def bare_loop(model: str, graphs, batch_size: int, steps: int, guidance: float) 
     })
 
 
+def bare_processes(args, graphs, processes: int) -> Measured:
+    """The job's CPU layout without Ray: ``processes`` bare loops side by side, each on every Nth graph.
+
+    Steady rate = the sum of the loops' steady rates (they run the same number of batches at once).
+    """
+    import multiprocessing
+
+    parts = [graphs[i::processes] for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.starmap(bare_loop, [(args.model, part, args.batch_size, args.steps, args.guidance,
+                                            args.threads_per_worker) for part in parts])
+    rate = sum(r.rate for r in results)
+    wall = max(r.wall for r in results)
+    return Measured(rate=rate, fixed=wall - len(graphs) / rate, wall=wall, extra={
+        "threads": results[0].extra["threads"], "images": len(graphs),
+        "pipe_seconds_per_image": statistics.fmean(r.extra["pipe_seconds_per_image"] for r in results),
+    })
+
+
 def sink_calls(run_dir: Path) -> int:
     """How many sink calls wrote the run: metadata files written within 50 ms of each other are one call."""
     times = sorted(p.stat().st_mtime for p in (run_dir / "metadata").glob("*.parquet"))
@@ -280,9 +306,11 @@ def sink_calls(run_dir: Path) -> int:
 def job_config(args, input_dir: Path, output: Path, run_id: str, segmenter: str, steps: int):
     from jobs.generate import GenerateConfig
 
+    layout = {"cpus_per_worker": args.cpus_per_worker} if args.cpus_per_worker is not None else {}
     return GenerateConfig(input=str(input_dir), output=str(output), run_id=run_id, model=args.model,
                           segmenter=segmenter, steps=steps, guidance=args.guidance, batch_size=args.batch_size,
-                          workers="1", report=False, log_every=args.log_every)
+                          workers=args.workers, threads_per_worker=args.threads_per_worker, report=False,
+                          log_every=args.log_every, **layout)
 
 
 def job_once(args, input_dir: Path, output: Path, run_id: str, segmenter: str) -> dict:
@@ -358,6 +386,12 @@ def throughput(args, scratch: Path, cpus: int) -> bool:
 
     print(f"bare loop: {len(graphs)} graphs ...", flush=True)
     bare = bare_loop(args.model, graphs, args.batch_size, args.steps, args.guidance)
+    processes = int(args.workers.split(",")[-1])
+    same_layout = None
+    if processes > 1 or args.threads_per_worker:
+        print(f"bare loops in the job's layout: {processes} processes x {args.threads_per_worker} threads ...",
+              flush=True)
+        same_layout = bare_processes(args, graphs, processes)
 
     configure_logging()
     start_ray(cpus)
@@ -375,7 +409,8 @@ def throughput(args, scratch: Path, cpus: int) -> bool:
         ray.shutdown()
 
     print(f"\nthroughput: {args.model}, {len(graphs)} rows in {shards} shards of {args.rows_per_shard}, batch "
-          f"{args.batch_size}, {args.steps} steps, guidance {args.guidance}, {cpus} CPUs, --workers 1, PNG encoding "
+          f"{args.batch_size}, {args.steps} steps, guidance {args.guidance}, {cpus} CPUs, --workers {args.workers}"
+          f"{f' x {args.threads_per_worker} threads' if args.threads_per_worker else ''}, PNG encoding "
           "included in both")
     print(f"steady images/s: bare = images after the first batch / their seconds; job = ({args.rows} - {small_rows}) "
           f"images / (wall of the {args.rows}-row run - wall of the {small_rows}-row run), Ray started beforehand")
@@ -383,6 +418,11 @@ def throughput(args, scratch: Path, cpus: int) -> bool:
           f"{'gen s/img':>10} {'sink calls':>11}")
     print(f"{'bare loop':18} {bare.extra['images']:>6} {bare.rate:>9.3f} {1.0:>8.2f} {bare.fixed:>8.1f} {bare.wall:>7.1f} "
           f"{'-':>14} {bare.extra['pipe_seconds_per_image']:>10.3f} {'-':>11}")
+    if same_layout is not None:
+        label = f"bare {processes}x{same_layout.extra['threads']} proc."
+        print(f"{label:18} {same_layout.extra['images']:>6} {same_layout.rate:>9.3f} {same_layout.rate / bare.rate:>8.2f} "
+              f"{same_layout.fixed:>8.1f} {same_layout.wall:>7.1f} {'-':>14} "
+              f"{same_layout.extra['pipe_seconds_per_image']:>10.3f} {'-':>11}")
     for label, m in runs.items():
         large = m.extra["large"]
         gen = large["gen_seconds_per_image"]
@@ -416,6 +456,10 @@ def throughput(args, scratch: Path, cpus: int) -> bool:
     print(f"\nratio job/bare, scoring off: {ratio:.2f}  (target >= {THROUGHPUT_TARGET}: "
           f"{'PASS' if ratio >= THROUGHPUT_TARGET else 'FAIL'})")
     print(f"ratio job/bare, scoring on:  {on:.2f}  (no target)")
+    if same_layout is not None:
+        print(f"ratio job/bare loops in the job's layout ({processes} processes x {same_layout.extra['threads']} "
+              f"threads, no Ray), scoring off: {runs['job, scoring off'].rate / same_layout.rate:.2f}  (the job's own "
+              "overhead; the target compares with the single in-process loop above)")
     return ratio >= THROUGHPUT_TARGET
 
 
@@ -538,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--rows-per-shard", type=int, default=32, help="Parquet shard size of every input table")
+    parser.add_argument("--workers", default="1", help="the job's --workers (generator actors)")
+    parser.add_argument("--threads-per-worker", type=int, default=None, help="the job's --threads-per-worker")
+    parser.add_argument("--cpus-per-worker", type=float, default=None, help="the job's --cpus-per-worker")
     parser.add_argument("--memory-rows", type=int, default=128, help="R, rows of the small memory run")
     parser.add_argument("--memory-factor", type=int, default=10, help="the large memory run has this many times R")
     parser.add_argument("--memory-steps", type=int, default=1)

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draft-steps", type=int, default=3)
     parser.add_argument("--prefix-steps", type=int, nargs="*", default=[3, 4, 6])
     parser.add_argument("--small-drafts", nargs="*", default=["32:6", "32:10", "16:6", "16:10"], metavar="PX:STEPS",
-                        help="DDIM drafts at a smaller size (the job's --draft-size), from the pooled full-size noise")
+                        help="DDIM drafts of STEPS steps at PX pixels (below the model's size: the job's --draft-size, "
+                             "from the pooled full-size noise)")
     parser.add_argument("--guidance", type=float, default=JOB_GUIDANCE)
     parser.add_argument("--seed", type=int, default=JOB_SEED)
     parser.add_argument("--model", default=str(DEMO_MODEL))

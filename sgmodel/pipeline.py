@@ -25,14 +25,15 @@ from sgmodel.text import TextEmbedder
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**63
 
 
 @dataclass
 class SceneGraphPipelineOutput(BaseOutput):
     images: Any
-    """PIL images, a float array [B, H, W, 3] in [0, 1], or a tensor [B, 3, H, W] in [0, 1]."""
+    """PIL images, a float array [B, H, W, 3] in [0, 1], a tensor [B, 3, H, W] in [0, 1], or the
+    denoised latents [B, C, h, w] (``"latent"``; what ``decode`` turns into images)."""
     seeds: list[int]
     """The seed of each image, in output order (graph-major: graph 0's images first)."""
 
@@ -245,7 +246,8 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
             latents = self.scheduler.step(noise_pred, t, latents, generator=generators).prev_sample
 
         # 4. Decode and convert.
-        images = self.to_output(self.decode(latents), output_type)
+        # "latent": the denoised latents themselves (pixel-space models: pixels in [-1, 1]), e.g. distillation targets.
+        images = latents.cpu() if output_type == "latent" else self.to_output(self.decode(latents), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, seeds

@@ -180,6 +180,17 @@ def test_from_stable_diffusion_folder(tiny_sd_folder, graphs, conditioning, tmp_
     np.testing.assert_array_equal(images, run(again, graphs, seeds=[1, 2, 3], steps=2, height=16, width=16))
 
 
+def test_latent_output_is_what_decode_turns_into_the_images(tiny_pipe, tiny_sd_folder, graphs):
+    sd = SceneGraphDiffusionPipeline.from_stable_diffusion(str(tiny_sd_folder), graph_dim=16, hidden_dim=16)
+    sd.set_progress_bar_config(disable=True)
+    for pipe, channels in ((tiny_pipe, 3), (sd, 4)):  # pixel space, and latent space with a VAE
+        kw = {"num_inference_steps": 2, "seeds": [4, 5, 6], "height": 16, "width": 16}
+        latents = pipe(graphs, output_type="latent", **kw).images
+        assert latents.shape == (3, channels, 16 // pipe.vae_scale_factor, 16 // pipe.vae_scale_factor)
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.decode(latents), pipe(graphs, output_type="pt", **kw).images)
+
+
 def test_gated_sd_pipeline_matches_plain_unet_before_training(tiny_sd_folder):
     plain = UNet2DConditionModel.from_pretrained(tiny_sd_folder / "unet").eval()
     pipe = SceneGraphDiffusionPipeline.from_stable_diffusion(str(tiny_sd_folder), conditioning="gated", graph_dim=16)

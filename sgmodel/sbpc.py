@@ -6,7 +6,9 @@ Three ways to spend the candidates:
   rendered at full quality, and that final image is scored again. FG-DM's point — scoring cheap
   candidates — with the diffusion model's own few-step samples standing in for its segmentation
   factor. With a deterministic sampler (DDIM) the same seed gives the same layout at any step
-  count, so the draft's recall predicts the final image's.
+  count, so the draft's recall predicts the final image's. The drafts can come from a distilled
+  draft model instead (``generate_draft``; :mod:`sgmodel.draft_distill`), trained so that a seed's
+  draft looks like that seed's full render.
 - adaptive: candidates are drawn in rounds and a graph stops as soon as one reaches the target
   recall (up to N); combinable with draft.
 
@@ -140,9 +142,16 @@ def draft_noise(full_noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 
 def run_sbpc(
-    graphs: Sequence[SceneGraph], config: SBPCConfig, generate: GenerateFn, score: ScoreFn, keep_images: bool = False
+    graphs: Sequence[SceneGraph], config: SBPCConfig, generate: GenerateFn, score: ScoreFn, keep_images: bool = False,
+    generate_draft: GenerateFn | None = None,
 ) -> list[SBPCResult]:
-    """Best-of-N for a batch of graphs; candidates of all active graphs share each generate/score call."""
+    """Best-of-N for a batch of graphs; candidates of all active graphs share each generate/score call.
+
+    ``generate_draft`` (draft mode only) draws the candidates, e.g. on a distilled draft model;
+    the winner's final render always uses ``generate``.
+    """
+    if generate_draft is not None and config.draft_steps is None:
+        raise ValueError("generate_draft needs draft mode (config.draft_steps)")
     started = time.perf_counter()
     graphs = list(graphs)
     pools: list[list[Candidate]] = [[] for _ in graphs]
@@ -156,7 +165,7 @@ def run_sbpc(
                 for k in range(min(per_round, config.candidates - len(pools[g])))]
         batch_graphs = [graphs[g] for g, _ in jobs]
         seeds = [candidate_seed(graphs[g], config.base_seed, i) for g, i in jobs]
-        images = generate(batch_graphs, seeds, steps, height, width)
+        images = (generate_draft or generate)(batch_graphs, seeds, steps, height, width)
         # 2. Score them all at once.
         results = score(images, batch_graphs)
         for (g, i), seed, image, result in zip(jobs, seeds, images, results):

@@ -88,6 +88,26 @@ def test_draft_rerenders_the_winning_seed_at_full_quality_and_rescores():
     assert all(c.image is None for r in out for c in r.candidates)  # drafts are not kept unless asked
 
 
+def test_a_draft_model_draws_the_candidates_and_the_model_renders_the_winner():
+    recall = {(g.id, i): v for g in G for i, v in enumerate([0.1, 0.7, 0.2])}
+    model, draft = Scripted(recall), Scripted(recall)
+    draft.calls = model.calls  # one call log, so score() sees whichever generated last
+    drafted = []
+
+    def generate_draft(graphs, seeds, steps, height, width):
+        drafted.append(len(seeds))
+        return draft.generate(graphs, seeds, steps, height, width)
+
+    cfg = SBPCConfig(candidates=3, final_steps=20, draft_steps=2, height=16, width=16)
+    out = run_sbpc(G, cfg, model.generate, model.score, generate_draft=generate_draft)
+    assert drafted == [9]  # all candidates on the draft model, in one call
+    assert [(steps, len(ids)) for ids, _, steps, _ in model.calls] == [(2, 9), (20, 3)]
+    assert [r.winner.index for r in out] == [1, 1, 1] and [r.final.seed for r in out] == [r.winner.seed for r in out]
+    with pytest.raises(ValueError, match="draft mode"):
+        run_sbpc(G, SBPCConfig(candidates=3, final_steps=20, height=16, width=16), model.generate, model.score,
+                 generate_draft=generate_draft)
+
+
 def test_adaptive_stops_each_graph_at_the_target():
     # g0 reaches 1.0 at candidate 1, g1 never, g2 at candidate 0.
     table = {"g0": [0.5, 1.0, 1.0, 1.0, 1.0], "g1": [0.1, 0.2, 0.3, 0.4, 0.5], "g2": [1.0] * 5}

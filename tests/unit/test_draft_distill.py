@@ -1,0 +1,101 @@
+"""Draft-model distillation: teacher pairs, the student's training, the CLI that runs both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.config import ConfigError
+from jobs.distill_draft import PAIR_STREAM
+from jobs.distill_draft import main as distill_main
+from sgmodel.draft_distill import (
+    load_pairs,
+    pair_seed,
+    read_draft_config,
+    shapes_graphs,
+    train_draft_student,
+    write_teacher_pairs,
+)
+from sgmodel.pipeline import SceneGraphDiffusionPipeline
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model_dir) -> SceneGraphDiffusionPipeline:
+    pipe = SceneGraphDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pairs_are_the_teachers_renders_of_their_seeds_and_reruns_keep_them(teacher, tmp_path):
+    paths = write_teacher_pairs(teacher, tmp_path, stream=3, start=10, count=6, batch_size=4, steps=2, guidance=2.0,
+                                log=lambda _: None)
+    assert [p.name for p in paths] == ["pairs-00000003-00000010.safetensors", "pairs-00000003-00000014.safetensors"]
+    pairs = load_pairs(paths)
+    assert pairs["index"].tolist() == list(range(10, 16)) and (pairs["steps"], pairs["guidance"]) == (2, 2.0)
+    seeds = [pair_seed(3, i) for i in range(10, 16)]
+    torch.testing.assert_close(pairs["noise"], teacher.initial_noise(seeds, 16, 16))
+    expected = teacher(shapes_graphs(3, range(10, 16)), num_inference_steps=2, guidance_scale=2.0, seeds=seeds,
+                       output_type="latent").images
+    torch.testing.assert_close(pairs["target"], expected)
+
+    before = [p.stat().st_mtime_ns for p in paths]
+    write_teacher_pairs(teacher, tmp_path, stream=3, start=10, count=6, batch_size=4, steps=2, guidance=2.0,
+                        log=lambda _: pytest.fail("an existing shard was rendered again"))
+    assert [p.stat().st_mtime_ns for p in paths] == before
+
+    other = write_teacher_pairs(teacher, tmp_path / "other", stream=3, start=16, count=4, batch_size=4, steps=2,
+                                guidance=3.0, log=lambda _: None)
+    with pytest.raises(ValueError, match="mix streams/steps/guidance"):
+        load_pairs(paths + other)
+
+
+def test_student_learns_the_teachers_renders_and_loads_as_a_pipeline(teacher, tiny_model_dir, tmp_path):
+    paths = write_teacher_pairs(teacher, tmp_path / "pairs", stream=0, start=0, count=48, batch_size=8, steps=2,
+                                log=lambda _: None)
+    torch.manual_seed(0)
+    summary = train_draft_student(tiny_model_dir, paths, tmp_path / "student", draft_steps=2, train_steps=12,
+                                  batch_size=8, lr=1e-3, warmup_steps=2, val_count=16, eval_every=4,
+                                  log=lambda _: None)
+    history = summary["history"]
+    assert [h["step"] for h in history] == [0, 4, 8, 12]
+    assert summary["best_val_mse"] == min(h["val_mse"] for h in history) < history[0]["val_mse"]
+    assert read_draft_config(tmp_path / "student") == {
+        "teacher": tiny_model_dir, "teacher_steps": 2, "guidance": 3.0, "draft_steps": 2}
+    assert read_draft_config(tiny_model_dir) is None
+
+    # The saved student is the best one: its guidance-free 2-step drafts of the held-out pairs have that MSE.
+    student = SceneGraphDiffusionPipeline.from_pretrained(tmp_path / "student")
+    student.set_progress_bar_config(disable=True)
+    assert student.scheduler.config.prediction_type == "sample"
+    pairs = load_pairs(paths)
+    held_out = pairs["index"][-16:].tolist()
+    drafts = student(shapes_graphs(0, held_out), num_inference_steps=2, guidance_scale=1.0,
+                     seeds=[pair_seed(0, i) for i in held_out], latents=pairs["noise"][-16:], output_type="latent")
+    mse = torch.nn.functional.mse_loss(drafts.images, pairs["target"][-16:]).item()
+    assert mse == pytest.approx(summary["best_val_mse"], rel=1e-4)
+    # Encoders are the teacher's: a graph's condition is the same for draft and final.
+    for name in ("graph_encoder", "conditioner"):
+        for a, b in zip(getattr(student, name).state_dict().values(), getattr(teacher, name).state_dict().values()):
+            torch.testing.assert_close(a, b)
+
+
+def test_cli_makes_pairs_in_processes_then_trains(tiny_model_dir, tmp_path):
+    pairs_dir, out = tmp_path / "pairs", tmp_path / "student"
+    args = ["--teacher", tiny_model_dir, "--output", str(out), "--pairs-dir", str(pairs_dir), "--pairs", "40",
+            "--batch-size", "8", "--val-count", "16", "--train-steps", "4", "--teacher-steps", "2", "--processes", "2",
+            "--threads", "1"]
+    assert distill_main(args) == 0
+    shards = sorted(pairs_dir.glob("*.safetensors"))
+    assert [p.name for p in shards] == [f"pairs-{PAIR_STREAM:08d}-{i:08d}.safetensors" for i in range(0, 40, 8)]
+    assert np.concatenate([load_file(str(p))["index"].numpy() for p in shards]).tolist() == list(range(40))
+    assert read_draft_config(out)["draft_steps"] == 2 and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="--val-count = 40: must be in 1 … 39"):  # checked before anything runs
+        distill_main(args + ["--val-count", "40"])
+    # --skip-pairs trains on what is there; an empty folder is a clear error
+    assert distill_main(args + ["--skip-pairs", "--output", str(tmp_path / "again")]) == 0
+    with pytest.raises(ConfigError, match="--pairs-dir = .*empty': has no pair shards"):
+        distill_main(args + ["--skip-pairs", "--pairs-dir", str(Path(tmp_path / "empty"))])

@@ -1,6 +1,7 @@
 """Bulk SBPC (sampling-based prompt compliance): best of N candidates per scene graph, on Ray.
 
     python -m jobs.sbpc --candidates 8 --draft-steps 4 --final-steps 50      # draft mode, demo defaults
+    python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft   # distilled drafts
     ray job submit --working-dir . -- python -m jobs.sbpc --input s3://… --output s3://… --candidates 10
 
 Every flag of the generate job applies. Ray Data streams read -> validate -> SBPC generator actors
@@ -10,13 +11,16 @@ on separate scorer actors. Output as the generate job's, plus candidates/*.parqu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from jobs import generate
 from jobs.config import require
+from jobs.defaults import resolve
 from jobs.generate import GenerateConfig
 from jobs.stages import (
     SCORER_CPUS,
@@ -28,6 +32,7 @@ from jobs.stages import (
     sink_stage,
 )
 from jobs.summary import read_table
+from sgmodel.draft_distill import read_draft_config
 from sgmodel.sbpc import table3_statistics
 from workers.schema import CANDIDATES_SCHEMA, SBPC_METADATA_SCHEMA
 
@@ -48,6 +53,9 @@ class SBPCJobConfig(GenerateConfig):
     """Draft mode: candidates use this many steps, and only the winning seed is rendered at --final-steps."""
     draft_size: int | None = None
     """Draft side length in pixels (draft mode; must divide the image size)."""
+    draft_model: str | None = None
+    """Draft mode on a distilled draft model (python -m jobs.distill_draft): drafts use its own steps
+    (or --draft-steps), without guidance."""
     target_recall: float | None = None
     """Adaptive mode: stop drawing candidates for a graph once one reaches this recall."""
     round_size: int = 1
@@ -66,9 +74,18 @@ class SBPCJobConfig(GenerateConfig):
             require(value is None or value >= 1, name, value, "must be >= 1")
         require(self.draft_size is None or self.draft_steps is not None, "draft_size", self.draft_size,
                 "needs --draft-steps")
+        require(self.draft_model is None or self.draft_size is None, "draft_size", self.draft_size,
+                "cannot be combined with --draft-model (it drafts at the size it learnt)")
+        if self.draft_model and Path(resolve(self.draft_model)).is_dir():  # s3:// models are checked on the actors
+            require(read_draft_config(resolve(self.draft_model)) is not None, "draft_model", self.draft_model,
+                    "has no draft.json: not a distilled draft model (make one with python -m jobs.distill_draft)")
         require(self.target_recall is None or 0 <= self.target_recall <= 1, "target_recall", self.target_recall,
                 "must be in [0, 1]")
         require(self.round_size >= 1, "round_size", self.round_size, "must be >= 1")
+
+    def resolved(self) -> SBPCJobConfig:
+        out = super().resolved()
+        return dataclasses.replace(out, draft_model=resolve(self.draft_model)) if self.draft_model else out
 
     def sbpc_args(self) -> dict:
         return {
@@ -92,7 +109,8 @@ def build_dataset(cfg: SBPCJobConfig, pending, storage, dupes, run_uri: str, mod
     ds = read_validated(cfg, pending, storage, dupes)
     settings = generation_settings(cfg, where.generator_gpus, steps=cfg.final_steps or cfg.steps)
     ds = generator_stage(ds, cfg, SBPCGenerator,
-                         (settings, cfg.sbpc_args(), scorers, cfg.keep_candidates, storage.settings),
+                         (settings, cfg.sbpc_args(), scorers, cfg.keep_candidates, storage.settings,
+                          cfg.draft_model),
                          where.generator_gpus)
     return sink_stage(ds, cfg, run_uri, model_fp, storage)
 
@@ -106,9 +124,10 @@ def sbpc_statistics(storage, run_uri: str, cfg: SBPCJobConfig) -> dict:
     meta = read_table(storage, f"{run_uri}/metadata", SBPC_METADATA_SCHEMA, ["gen_seconds", "recall"])
     seconds = [v for v in meta.column("gen_seconds").to_pylist() if v is not None]
     args = cfg.sbpc_args()
-    mode = "draft" if args["draft_steps"] else "naive"
+    mode = "draft" if args["draft_steps"] or cfg.draft_model else "naive"
     return {
         "mode": f"adaptive-{mode}" if args["target_recall"] is not None else mode, **args,
+        "draft_model": cfg.draft_model,
         **{k: v for k, v in table3_statistics(list(per_graph.values())).items() if k != "graphs"},
         "seconds_per_graph": sum(seconds) / len(seconds) if seconds else None,
     }

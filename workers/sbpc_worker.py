@@ -13,8 +13,10 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from sgmodel.draft_distill import read_draft_config
 from sgmodel.sbpc import SBPCConfig, pipeline_generate_fn, run_sbpc
 from workers.generator import GenerationSettings, Generator, encode_png
+from workers.runtime import load_pipeline, localize_model
 from workers.schema import SBPC_SCHEMA
 from workers.scorer import RECALL_COLUMNS
 from workers.validate import graph_from_json, graph_to_json
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 class SBPCGenerator:
     def __init__(self, settings: GenerationSettings, sbpc: dict, scorers: list, keep_candidates: bool,
-                 storage_settings=None) -> None:
+                 storage_settings=None, draft_model: str | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -37,6 +39,29 @@ class SBPCGenerator:
         self.scorers = scorers
         self._turn = itertools.cycle(range(len(scorers)))
         self.generate = pipeline_generate_fn(self.base.pipe, settings.guidance)
+        self.generate_draft = self._load_draft_model(draft_model, storage_settings) if draft_model else None
+
+    def _load_draft_model(self, model: str, storage_settings):
+        """The distilled draft model on this actor's device; drafts run its own steps without guidance."""
+        from workers.storage import Storage
+
+        path = localize_model(model, Storage(storage_settings) if storage_settings else None)
+        draft = read_draft_config(path)
+        if draft is None:
+            raise ValueError(f"--draft-model {model!r} has no draft.json: not a distilled draft model "
+                             "(make one with python -m jobs.distill_draft)")
+        pipe = load_pipeline(path, self.base.device, self.base.dtype, "model", self.settings.compile)
+        if pipe.default_size != self.base.pipe.default_size:
+            raise ValueError(f"--draft-model {model!r} renders {pipe.default_size} px, the model "
+                             f"{self.base.pipe.default_size} px")
+        final_steps = self.sbpc_args["final_steps"]
+        if (draft["guidance"], draft["teacher_steps"]) != (self.settings.guidance, final_steps):
+            logger.warning("draft model %s learnt renders at guidance %s, %s steps; this job: guidance %s, %s steps "
+                           "(its drafts predict those less well)", model, draft["guidance"], draft["teacher_steps"],
+                           self.settings.guidance, final_steps)
+        if self.sbpc_args.get("draft_steps") is None:
+            self.sbpc_args = {**self.sbpc_args, "draft_steps": int(draft["draft_steps"])}
+        return pipeline_generate_fn(pipe, 1.0)
 
     def score(self, images: list[np.ndarray], graphs) -> list:
         """Split one round's images over the scorer actors and wait for all of them."""
@@ -63,7 +88,8 @@ class SBPCGenerator:
         cfg = SBPCConfig(height=self.base.height, width=self.base.width, base_seed=self.settings.base_seed,
                          **self.sbpc_args)
         try:
-            results = run_sbpc(graphs, cfg, self.generate, self.score, keep_images=self.keep)
+            results = run_sbpc(graphs, cfg, self.generate, self.score, keep_images=self.keep,
+                               generate_draft=self.generate_draft)
         except Exception as err:  # noqa: BLE001 - never fail the batch: bisect to the culprit
             if len(rows) > 1:
                 return [r for row in rows for r in self._select([row])]

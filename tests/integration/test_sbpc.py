@@ -83,3 +83,47 @@ def test_adaptive_naive_sbpc_stops_early_and_is_deterministic(local_ray, tiny_mo
     a = {p.name: p.read_bytes() for p in (tmp_path / "a" / "images").rglob("*.png")}
     n = {p.name: p.read_bytes() for p in (tmp_path / "n" / "images").rglob("*.png")}
     assert a == n and len(a) == 5
+
+
+def test_draft_model_draws_the_candidates_without_guidance(local_ray, tiny_model_dir, segmenter_dir, inputs, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from jobs.config import ConfigError
+    from sgmodel.draft_distill import train_draft_student, write_teacher_pairs
+    from sgmodel.pipeline import SceneGraphDiffusionPipeline
+    from workers.validate import graph_from_json
+
+    teacher = SceneGraphDiffusionPipeline.from_pretrained(tiny_model_dir)
+    teacher.set_progress_bar_config(disable=True)
+    pairs = write_teacher_pairs(teacher, tmp_path / "pairs", stream=0, start=0, count=24, batch_size=8, steps=4,
+                                log=lambda _: None)
+    student_dir = tmp_path / "student"
+    train_draft_student(tiny_model_dir, pairs, student_dir, draft_steps=2, train_steps=2, batch_size=8, val_count=8,
+                        eval_every=1, log=lambda _: None)
+
+    summary, code = run(config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "s", candidates=3,
+                               draft_model=str(student_dir), keep_candidates=True))
+    assert code == 0 and summary["images"] == 5 and summary["sbpc"]["mode"] == "draft"
+    run_dir = tmp_path / "s"
+    meta = {r["id"]: r for r in read(run_dir, "metadata")}
+    student = SceneGraphDiffusionPipeline.from_pretrained(student_dir)
+    student.set_progress_bar_config(disable=True)
+    for cand in read(run_dir, "candidates"):
+        assert cand["steps"] == 2  # the student's own step count, from its draft.json
+        graph = graph_from_json(meta[cand["id"]]["graph"])
+        expected = student([graph], num_inference_steps=2, guidance_scale=1.0, seeds=[cand["seed"]],
+                           output_type="np").images[0]
+        got = np.asarray(Image.open(run_dir / cand["image_key"])).astype(np.int16)
+        assert np.abs(got - np.round(expected * 255).astype(np.int16)).max() <= 1
+    for row in meta.values():  # the kept image is the teacher's own render of the winning seed
+        final = teacher([graph_from_json(row["graph"])], num_inference_steps=4, seeds=[row["seed"]],
+                        output_type="np").images[0]
+        got = np.asarray(Image.open(run_dir / row["image_key"])).astype(np.int16)
+        assert row["steps"] == 4 and np.abs(got - np.round(final * 255).astype(np.int16)).max() <= 1
+
+    with pytest.raises(ConfigError, match="--draft-model = .*no draft.json"):
+        config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "x", candidates=3, draft_model=tiny_model_dir)
+    with pytest.raises(ConfigError, match="--draft-size = 8: cannot be combined with --draft-model"):
+        config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "x", candidates=3, draft_model=str(student_dir),
+               draft_steps=2, draft_size=8)

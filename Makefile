@@ -29,8 +29,8 @@ bench: setup
 	$(BIN)/python benchmarks/text_cache.py
 	$(BIN)/python benchmarks/prepare_vg.py
 	$(BIN)/python benchmarks/overhead.py
-	$(BIN)/python benchmarks/sbpc.py
-	$(BIN)/python benchmarks/sbpc_drafts.py
+	$(BIN)/python benchmarks/sbpc.py --draft-model models/shapes-sg-diffusion-draft
+	$(BIN)/python benchmarks/sbpc_drafts.py --draft-model models/shapes-sg-diffusion-draft
 	$(BIN)/python benchmarks/finetune_scaling.py
 
 test: setup

@@ -1,7 +1,7 @@
 """SBPC on the shapes demo model (issue 6): N=1 vs naive best-of-N vs draft vs adaptive, side by side.
 
     python benchmarks/sbpc.py [--count 100] [--candidates 8] [--final-steps 25] [--draft-steps 3]
-        [--draft-size PX] [--table3-steps 3 25] [--table3-count 100] [--batch-size 8]
+        [--draft-size PX] [--draft-model PATH] [--table3-steps 3 25] [--table3-count 100] [--batch-size 8]
         [--markdown sbpc.md] [--json sbpc.json]
 
 One process, the demo model and segmenter, the held-out shapes graphs of
@@ -14,7 +14,10 @@ differ only in how the candidates are spent:
 - draft: N candidates at ``--draft-steps`` (and ``--draft-size``), the winning seed re-rendered at
   full steps and size and scored again;
 - adaptive naive / adaptive draft: the same, but a graph stops drawing once a candidate reaches
-  ``--target-recall`` (rounds of ``--round-size``).
+  ``--target-recall`` (rounds of ``--round-size``);
+- with ``--draft-model``: distilled draft (and its adaptive row): the candidates are the distilled
+  draft model's own few guidance-free steps (``python -m jobs.distill_draft``; the job's
+  ``--draft-model``), the winner re-rendered at full steps on the demo model.
 
 The rows are interleaved batch by batch (every row runs on batch 1, then every row on batch 2, ...)
 so a change in background load hits all rows alike. Timing (``time.perf_counter``, after model load
@@ -49,6 +52,7 @@ from shapes_quality import HELD_OUT_SEED, held_out_graphs, write_json  # noqa: E
 
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER  # noqa: E402
 from jobs.generate import GenerateConfig  # noqa: E402
+from sgmodel.draft_distill import read_draft_config  # noqa: E402
 from sgmodel.graph import SceneGraph  # noqa: E402
 from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
 from sgmodel.recall import RecallResult, SegmentationScorer  # noqa: E402
@@ -79,6 +83,8 @@ TABLE3_THRESHOLDS = ("0.5", "0.75", "0.9")
 class Row:
     name: str
     config: SBPCConfig
+    distilled: bool = False
+    """Candidates from the distilled draft model."""
     seconds: float = 0.0
     results: list[SBPCResult] = field(default_factory=list)
 
@@ -101,7 +107,7 @@ class Row:
         }
 
 
-def build_rows(args: argparse.Namespace, height: int, width: int) -> list[Row]:
+def build_rows(args: argparse.Namespace, height: int, width: int, distilled_steps: int | None) -> list[Row]:
     common = {"final_steps": args.final_steps, "height": height, "width": width, "base_seed": args.seed}
     draft = {"draft_steps": args.draft_steps, "draft_size": args.draft_size}
     adaptive = {"target_recall": args.target_recall, "round_size": args.round_size}
@@ -114,19 +120,32 @@ def build_rows(args: argparse.Namespace, height: int, width: int) -> list[Row]:
         Row(f"adaptive naive (≥{args.target_recall:g}, N≤{n})", SBPCConfig(candidates=n, **common, **adaptive)),
         Row(f"adaptive draft (≥{args.target_recall:g}, N≤{n})",
             SBPCConfig(candidates=n, **common, **draft, **adaptive)),
+        *([] if distilled_steps is None else [
+            Row(f"distilled draft N={n} ({distilled_steps} steps)",
+                SBPCConfig(candidates=n, **common, draft_steps=distilled_steps), distilled=True),
+            Row(f"adaptive distilled draft (≥{args.target_recall:g}, N≤{n})",
+                SBPCConfig(candidates=n, **common, draft_steps=distilled_steps, **adaptive), distilled=True),
+        ]),
     ]
 
 
 class Timed:
     """The generate and score callables, counting what goes through them."""
 
-    def __init__(self, generate, scorer: SegmentationScorer) -> None:
-        self._generate, self._scorer = generate, scorer
+    def __init__(self, generate, scorer: SegmentationScorer, generate_distilled=None) -> None:
+        self._generate, self._scorer, self._distilled = generate, scorer, generate_distilled
         self.images = 0
 
     def generate(self, graphs, seeds, steps, height, width) -> list[np.ndarray]:
         self.images += len(graphs)
         return self._generate(graphs, seeds, steps, height, width)
+
+    def generate_distilled(self, graphs, seeds, steps, height, width) -> list[np.ndarray]:
+        self.images += len(graphs)
+        return self._distilled(graphs, seeds, steps, height, width)
+
+    def drafts_of(self, row: Row):
+        return self.generate_distilled if row.distilled else None
 
     def score(self, images, graphs) -> list[RecallResult]:
         return self._scorer.score(images, graphs)
@@ -141,7 +160,7 @@ def run_rows(rows: list[Row], graphs: list[SceneGraph], fns: Timed, batch_size: 
         for row in rows:
             # naive rows keep their images anyway; draft rows drop the drafts (as in the job)
             t0 = time.perf_counter()
-            row.results.extend(run_sbpc(chunk, row.config, fns.generate, fns.score))
+            row.results.extend(run_sbpc(chunk, row.config, fns.generate, fns.score, generate_draft=fns.drafts_of(row)))
             row.seconds += time.perf_counter() - t0
         print(f"  batch {k}/{len(batches)}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
@@ -158,7 +177,8 @@ def candidate_pool(rows: list[Row], height: int, width: int) -> dict[tuple[int, 
         per_graph = pool.setdefault(key, [{} for _ in row.results])
         for seen, res in zip(per_graph, row.results):
             for c in res.candidates:
-                seen.setdefault(c.index, c.result.recall)
+                if not row.distilled:  # another model's drafts: not the demo model's images at those steps
+                    seen.setdefault(c.index, c.result.recall)
         if row.config.draft_steps is not None:  # the re-render of the winner is candidate `index` at full steps
             per_graph = pool.setdefault((row.config.final_steps, height, width), [{} for _ in row.results])
             for seen, res in zip(per_graph, row.results):
@@ -257,7 +277,7 @@ def markdown_table(header: list[str], cells: list[list[str]]) -> str:
 
 def targets(rows: list[Row], figures: dict, n: int) -> list[dict]:
     f = figures["rows"]
-    one, naive, draft, ad_naive, ad_draft = (f[r.name] for r in rows)
+    one, naive, draft, ad_naive, ad_draft = (f[r.name] for r in rows[:5])
     speed = naive["seconds"] / draft["seconds"]
     out = [
         {"target": f"best-of-{n} avg recall >= N=1 + 0.05",
@@ -276,6 +296,15 @@ def targets(rows: list[Row], figures: dict, n: int) -> list[dict]:
                         f"{ref['avg_recall']:.3f}",
             "pass": ad["avg_candidates_drawn"] < n and ad["avg_recall"] >= ref["avg_recall"] - 1e-9,
         })
+    for row in rows[5:6]:  # the distilled draft row: the issue's draft targets again
+        d = f[row.name]
+        speed = naive["seconds"] / d["seconds"]
+        out.append({"target": f"{row.name} >= 4x faster than naive", "measured": f"{speed:.2f}x",
+                    "pass": speed >= 4.0})
+        out.append({"target": f"{row.name} avg recall within 0.02 of naive",
+                    "measured": f"{d['avg_recall']:.3f} vs {naive['avg_recall']:.3f}, "
+                                f"diff {d['avg_recall'] - naive['avg_recall']:+.3f}",
+                    "pass": d["avg_recall"] >= naive["avg_recall"] - 0.02})
     return out
 
 
@@ -291,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance", type=float, default=JOB_GUIDANCE)
     parser.add_argument("--draft-steps", type=int, default=DEFAULT_DRAFT_STEPS)
     parser.add_argument("--draft-size", type=int, default=None, help="draft side in pixels (default: full size)")
+    parser.add_argument("--draft-model", default=None,
+                        help="distilled draft model (python -m jobs.distill_draft): adds the distilled draft rows")
     parser.add_argument("--target-recall", type=float, default=1.0, help="adaptive rows")
     parser.add_argument("--round-size", type=int, default=1, help="adaptive rows: candidates per graph per round")
     parser.add_argument("--table3-steps", type=int, nargs=2, default=None, metavar=("A", "B"),
@@ -312,15 +343,23 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = SegmentationScorer.from_pretrained(args.segmenter, batch_size=max(16, args.batch_size * args.candidates))
     height = width = pipe.default_size
     graphs = held_out_graphs(args.count, args.stream, height)
-    rows = build_rows(args, height, width)
-    fns = Timed(pipeline_generate_fn(pipe, args.guidance), scorer)
+    distilled, distilled_steps = None, None
+    if args.draft_model:
+        draft = read_draft_config(args.draft_model)
+        if draft is None:
+            parser.error(f"--draft-model {args.draft_model}: no draft.json, not a distilled draft model")
+        student = SceneGraphDiffusionPipeline.from_pretrained(args.draft_model)
+        student.set_progress_bar_config(disable=True)
+        distilled, distilled_steps = pipeline_generate_fn(student, 1.0), int(draft["draft_steps"])
+    rows = build_rows(args, height, width, distilled_steps)
+    fns = Timed(pipeline_generate_fn(pipe, args.guidance), scorer, distilled)
 
     # Warm-up: one small call of each row's configuration on graphs outside the measured set.
     spare = held_out_graphs(args.count + 2, args.stream, height)[args.count:]
     for row in rows:
         cfg = SBPCConfig(**{**asdict(row.config), "candidates": 1, "final_steps": 2,
                             "draft_steps": 1 if row.config.draft_steps else None})
-        run_sbpc(spare, cfg, fns.generate, fns.score)
+        run_sbpc(spare, cfg, fns.generate, fns.score, generate_draft=fns.drafts_of(row))
     fns.images = 0
 
     print(f"{args.count} held-out shapes graphs (stream {args.stream}), {height}x{width}; {args.final_steps} steps, "
@@ -331,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
         "count": args.count, "stream": args.stream, "seed": args.seed, "model": args.model,
         "segmenter": args.segmenter, "final_steps": args.final_steps, "guidance": args.guidance,
         "candidates": args.candidates, "draft_steps": args.draft_steps, "draft_size": args.draft_size,
-        "target_recall": args.target_recall, "round_size": args.round_size, "batch_size": args.batch_size,
+        "draft_model": args.draft_model, "target_recall": args.target_recall, "round_size": args.round_size, "batch_size": args.batch_size,
         "threads": args.threads,
         "rows": {row.name: row.figures(args.count) for row in rows},
         "draft_checks": draft_checks(rows),

@@ -1,7 +1,7 @@
 """How well does a cheap draft predict the final image's recall? (Issue 6: draft SBPC's recall target.)
 
     python benchmarks/sbpc_drafts.py [--count 32] [--candidates 8] [--final-steps 25] [--draft-steps 3]
-        [--prefix-steps 3 4 6] [--small-drafts 32:6 32:10 16:6 16:10] [--json drafts.json]
+        [--prefix-steps 3 4 6] [--small-drafts 32:6 32:10 16:6 16:10] [--draft-model PATH] [--json drafts.json]
 
 Truth: every candidate of every held-out graph (the SBPC job's index-derived seeds) rendered at
 ``--final-steps`` with the model's own scheduler and scored by the segmenter. Each draft predictor
@@ -15,10 +15,12 @@ draft SBPC with that predictor outputs and naive best-of-N is its ceiling. Predi
 - ``prefix m``: the x0-prediction after the first m steps of the final render itself; the winner
   would continue from there, so its final image is naive's and the first m steps are shared;
 - ``ddim S @ P px``: the job's ``--draft-steps S --draft-size P`` (P at the model's size: more
-  draft steps; smaller: the full-size noise average-pooled, as the job does).
+  draft steps; smaller: the full-size noise average-pooled, as the job does);
+- ``student K``: a distilled draft model (``--draft-model``, ``python -m jobs.distill_draft``): its
+  own K steps from the same noise, without guidance (the job's ``--draft-model``).
 
-Cost per graph in UNet evaluations (guidance batched): naive N x F, draft N x S + F, prefix
-N x m + F - m; "step speed-up" = naive / that. "time speed-up" is measured: naive's seconds over
+Cost per graph in UNet evaluations (guidance batched; a guidance-free student evaluation counts
+half): naive N x F, draft N x S + F, prefix N x m + F - m, student N x K/2 + F; "step speed-up" = naive / that. "time speed-up" is measured: naive's seconds over
 the predictor's seconds plus one final render per graph (a smaller draft costs fewer seconds, not
 fewer evaluations). Also printed: how often the pick is naive's winner
 and the correlation of draft recall with final recall over all candidates.
@@ -99,6 +101,24 @@ def scheduler_render(pipe: SceneGraphDiffusionPipeline, scheduler, steps: int, g
     return render
 
 
+def student_predictor(path: str) -> tuple[str, float, int, Render]:
+    """The distilled draft model's own steps, guidance-free (its teacher's guidance is baked in)."""
+    from sgmodel.draft_distill import read_draft_config
+
+    draft = read_draft_config(path)
+    if draft is None:
+        raise SystemExit(f"--draft-model {path}: no draft.json, not a distilled draft model")
+    student = SceneGraphDiffusionPipeline.from_pretrained(path)
+    student.set_progress_bar_config(disable=True)
+    generate, k = pipeline_generate_fn(student, 1.0), int(draft["draft_steps"])
+    size = student.default_size
+
+    def render(graphs: list[SceneGraph], seeds: list[int]) -> list[np.ndarray]:
+        return generate(graphs, seeds, k, size, size)
+
+    return f"student {k}", k / 2, 0, render
+
+
 def score_all(render: Render, scorer: SegmentationScorer, graphs: list[SceneGraph], n: int, seed: int,
               chunk: int) -> tuple[list[list[RecallResult]], float]:
     """Per graph, the RecallResult of candidates 0..n-1; and the seconds it took."""
@@ -128,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small-drafts", nargs="*", default=["32:6", "32:10", "16:6", "16:10"], metavar="PX:STEPS",
                         help="DDIM drafts of STEPS steps at PX pixels (below the model's size: the job's --draft-size, "
                              "from the pooled full-size noise)")
+    parser.add_argument("--draft-model", default=None,
+                        help="a distilled draft model folder (jobs.distill_draft): adds its drafts as a predictor")
     parser.add_argument("--guidance", type=float, default=JOB_GUIDANCE)
     parser.add_argument("--seed", type=int, default=JOB_SEED)
     parser.add_argument("--model", default=str(DEMO_MODEL))
@@ -149,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     truth, truth_seconds = score_all(scheduler_render(pipe, pipe.scheduler, f, args.guidance), scorer, graphs, n,
                                      args.seed, args.chunk)
     naive = picks(truth)
-    predictors: list[tuple[str, int, int, Render]] = [  # name, evals per candidate, evals shared with the final
+    predictors: list[tuple[str, float, int, Render]] = [  # name, evals per candidate, evals shared with the final
         (f"ddim {s}", s, 0, scheduler_render(pipe, pipe.scheduler, s, args.guidance)),
         (f"dpm {s}", s, 0, scheduler_render(pipe, DPMSolverMultistepScheduler.from_config(base), s, args.guidance)),
         (f"dpm {s} thr", s, 0, scheduler_render(
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         *((f"ddim {st} @ {px} px", int(st), 0, scheduler_render(pipe, pipe.scheduler, int(st), args.guidance, int(px)))
           for px, st in (d.split(":") for d in args.small_drafts)),
     ]
+    if args.draft_model:
+        predictors.append(student_predictor(args.draft_model))
 
     def final_of(chosen: list[int]) -> float:
         """Mean final-step recall of each graph's chosen candidate: what draft SBPC would output."""

@@ -1,6 +1,6 @@
 """Distil the draft model for draft SBPC from a shapes scene-graph diffusion model.
 
-    nohup python -m jobs.distill_draft > distill_draft.log 2>&1 &     # ~1 h 15 min on 2 idle CPU cores
+    nohup python -m jobs.distill_draft > distill_draft.log 2>&1 &     # ~1 h 30 min on 2 idle CPU cores
 
 Two phases, both resumable: the teacher renders ``--pairs`` graphs of a held-apart shapes stream
 (``--processes`` spawned workers, one thread each; shards already in ``--pairs-dir`` are kept), then

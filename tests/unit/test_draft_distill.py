@@ -99,3 +99,19 @@ def test_cli_makes_pairs_in_processes_then_trains(tiny_model_dir, tmp_path):
     assert distill_main(args + ["--skip-pairs", "--output", str(tmp_path / "again")]) == 0
     with pytest.raises(ConfigError, match="--pairs-dir = .*empty': has no pair shards"):
         distill_main(args + ["--skip-pairs", "--pairs-dir", str(Path(tmp_path / "empty"))])
+
+
+def test_committed_draft_model_is_distilled_from_the_demo_model_at_the_job_defaults():
+    from jobs.defaults import DEMO_MODEL, resolve
+    from jobs.generate import GenerateConfig
+
+    path = resolve("models/shapes-sg-diffusion-draft")
+    draft = read_draft_config(path)
+    assert draft == {"teacher": DEMO_MODEL, "teacher_steps": GenerateConfig.steps,
+                     "guidance": GenerateConfig.guidance, "draft_steps": 2}
+    student = SceneGraphDiffusionPipeline.from_pretrained(path)
+    demo = SceneGraphDiffusionPipeline.from_pretrained(resolve(DEMO_MODEL))
+    assert student.scheduler.config.prediction_type == "sample" and student.default_size == demo.default_size
+    for name in ("text_encoder", "graph_encoder", "conditioner"):  # only the UNet was trained
+        for (key, a), b in zip(getattr(student, name).state_dict().items(), getattr(demo, name).state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{key} differs from the demo model's"

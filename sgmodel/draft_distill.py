@@ -62,7 +62,7 @@ def write_teacher_pairs(
     log=print,
 ) -> list[Path]:
     """Render graphs ``start … start+count-1`` of shapes stream ``stream`` with the teacher and save
-    ``{output_dir}/pairs-{start:08d}-{first:08d}.safetensors`` per batch (index, noise, target).
+    ``{output_dir}/pairs-{stream:08d}-{first:08d}.safetensors`` per batch (index, noise, target).
 
     Existing shards are kept (a rerun only fills what is missing).
     """

@@ -52,7 +52,7 @@ from shapes_quality import HELD_OUT_SEED, held_out_graphs, write_json  # noqa: E
 
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER  # noqa: E402
 from jobs.generate import GenerateConfig  # noqa: E402
-from sgmodel.draft_distill import read_draft_config  # noqa: E402
+from sgmodel.draft_distill import load_draft_model  # noqa: E402
 from sgmodel.graph import SceneGraph  # noqa: E402
 from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
 from sgmodel.recall import RecallResult, SegmentationScorer  # noqa: E402
@@ -345,11 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     graphs = held_out_graphs(args.count, args.stream, height)
     distilled, distilled_steps = None, None
     if args.draft_model:
-        draft = read_draft_config(args.draft_model)
-        if draft is None:
-            parser.error(f"--draft-model {args.draft_model}: no draft.json, not a distilled draft model")
-        student = SceneGraphDiffusionPipeline.from_pretrained(args.draft_model)
-        student.set_progress_bar_config(disable=True)
+        student, draft = load_draft_model(args.draft_model)
         distilled, distilled_steps = pipeline_generate_fn(student, 1.0), int(draft["draft_steps"])
     rows = build_rows(args, height, width, distilled_steps)
     fns = Timed(pipeline_generate_fn(pipe, args.guidance), scorer, distilled)

@@ -103,13 +103,9 @@ def scheduler_render(pipe: SceneGraphDiffusionPipeline, scheduler, steps: int, g
 
 def student_predictor(path: str) -> tuple[str, float, int, Render]:
     """The distilled draft model's own steps, guidance-free (its teacher's guidance is baked in)."""
-    from sgmodel.draft_distill import read_draft_config
+    from sgmodel.draft_distill import load_draft_model
 
-    draft = read_draft_config(path)
-    if draft is None:
-        raise SystemExit(f"--draft-model {path}: no draft.json, not a distilled draft model")
-    student = SceneGraphDiffusionPipeline.from_pretrained(path)
-    student.set_progress_bar_config(disable=True)
+    student, draft = load_draft_model(path)
     generate, k = pipeline_generate_fn(student, 1.0), int(draft["draft_steps"])
     size = student.default_size
 

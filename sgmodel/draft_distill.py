@@ -229,3 +229,13 @@ def read_draft_config(model_dir: str | Path) -> dict | None:
     """``draft.json`` of a distilled draft model, or None for an ordinary model folder."""
     path = Path(model_dir) / DRAFT_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_draft_model(path: str | Path) -> tuple[SceneGraphDiffusionPipeline, dict]:
+    """A distilled draft model and its ``draft.json``; a folder without one is a clear error."""
+    draft = read_draft_config(path)
+    if draft is None:
+        raise ValueError(f"{path}: no {DRAFT_FILE}, not a distilled draft model (python -m jobs.distill_draft)")
+    pipe = SceneGraphDiffusionPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, draft

@@ -13,6 +13,7 @@ from jobs.config import ConfigError
 from jobs.distill_draft import PAIR_STREAM
 from jobs.distill_draft import main as distill_main
 from sgmodel.draft_distill import (
+    load_draft_model,
     load_pairs,
     pair_seed,
     read_draft_config,
@@ -109,8 +110,11 @@ def test_committed_draft_model_is_distilled_from_the_demo_model_at_the_job_defau
     draft = read_draft_config(path)
     assert draft == {"teacher": DEMO_MODEL, "teacher_steps": GenerateConfig.steps,
                      "guidance": GenerateConfig.guidance, "draft_steps": 2}
-    student = SceneGraphDiffusionPipeline.from_pretrained(path)
+    student, config = load_draft_model(path)
+    assert config == draft
     demo = SceneGraphDiffusionPipeline.from_pretrained(resolve(DEMO_MODEL))
+    with pytest.raises(ValueError, match="no draft.json, not a distilled draft model"):
+        load_draft_model(resolve(DEMO_MODEL))
     assert student.scheduler.config.prediction_type == "sample" and student.default_size == demo.default_size
     for name in ("text_encoder", "graph_encoder", "conditioner"):  # only the UNet was trained
         for (key, a), b in zip(getattr(student, name).state_dict().items(), getattr(demo, name).state_dict().values()):

@@ -8,7 +8,8 @@ Three ways to spend the candidates:
   factor. With a deterministic sampler (DDIM) the same seed gives the same layout at any step
   count, so the draft's recall predicts the final image's. The drafts can come from a distilled
   draft model instead (``generate_draft``; :mod:`sgmodel.draft_distill`), trained so that a seed's
-  draft looks like that seed's full render.
+  draft looks like that seed's full render, and be scored by a segmenter trained to read drafts as
+  their final images (``score_draft``; :mod:`sgmodel.draft_segmenter`).
 - adaptive: candidates are drawn in rounds and a graph stops as soon as one reaches the target
   recall (up to N); combinable with draft.
 
@@ -143,15 +144,17 @@ def draft_noise(full_noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 def run_sbpc(
     graphs: Sequence[SceneGraph], config: SBPCConfig, generate: GenerateFn, score: ScoreFn, keep_images: bool = False,
-    generate_draft: GenerateFn | None = None,
+    generate_draft: GenerateFn | None = None, score_draft: ScoreFn | None = None,
 ) -> list[SBPCResult]:
     """Best-of-N for a batch of graphs; candidates of all active graphs share each generate/score call.
 
-    ``generate_draft`` (draft mode only) draws the candidates, e.g. on a distilled draft model;
-    the winner's final render always uses ``generate``.
+    Draft mode only: ``generate_draft`` draws the candidates (e.g. on a distilled draft model) and
+    ``score_draft`` scores them (e.g. with a draft segmenter); the winner's final render always
+    uses ``generate`` and ``score``.
     """
-    if generate_draft is not None and config.draft_steps is None:
-        raise ValueError("generate_draft needs draft mode (config.draft_steps)")
+    for name, fn in (("generate_draft", generate_draft), ("score_draft", score_draft)):
+        if fn is not None and config.draft_steps is None:
+            raise ValueError(f"{name} needs draft mode (config.draft_steps)")
     started = time.perf_counter()
     graphs = list(graphs)
     pools: list[list[Candidate]] = [[] for _ in graphs]
@@ -167,7 +170,7 @@ def run_sbpc(
         seeds = [candidate_seed(graphs[g], config.base_seed, i) for g, i in jobs]
         images = (generate_draft or generate)(batch_graphs, seeds, steps, height, width)
         # 2. Score them all at once.
-        results = score(images, batch_graphs)
+        results = (score_draft or score)(images, batch_graphs)
         for (g, i), seed, image, result in zip(jobs, seeds, images, results):
             pools[g].append(Candidate(i, seed, result, image if keep_images or config.draft_steps is None else None))
         # 3. Adaptive stop; otherwise everyone has drawn N.

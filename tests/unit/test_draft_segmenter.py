@@ -1,0 +1,76 @@
+"""The draft segmenter: trained on (student draft -> final segmenter's map of the teacher render)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sgmodel.draft_distill import (
+    load_draft_model,
+    load_pairs,
+    pair_seed,
+    shapes_graphs,
+    train_draft_student,
+    write_teacher_pairs,
+)
+from sgmodel.draft_segmenter import draft_training_data, read_draft_segmenter_config, train_draft_segmenter
+from sgmodel.pipeline import SceneGraphDiffusionPipeline
+from sgmodel.recall import SegmentationScorer
+from sgmodel.sbpc import pipeline_generate_fn
+
+STREAM = 5
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_model_dir, tmp_path_factory):
+    """Teacher pairs of the tiny model and a (barely trained) student: a real draft model folder."""
+    root = tmp_path_factory.mktemp("draft-seg")
+    teacher = SceneGraphDiffusionPipeline.from_pretrained(tiny_model_dir)
+    teacher.set_progress_bar_config(disable=True)
+    paths = write_teacher_pairs(teacher, root / "pairs", stream=STREAM, start=0, count=48, batch_size=16, steps=2,
+                                log=lambda _: None)
+    train_draft_student(tiny_model_dir, paths, root / "student", draft_steps=2, train_steps=1, batch_size=8,
+                        val_count=8, eval_every=1, log=lambda _: None)
+    return teacher, paths, root / "student"
+
+
+def test_training_data_are_the_jobs_drafts_and_the_final_segmenters_maps(distilled, segmenter_dir):
+    teacher, paths, student_dir = distilled
+    student, draft = load_draft_model(student_dir)
+    scorer = SegmentationScorer.from_pretrained(segmenter_dir)
+    pairs = load_pairs(paths[:1])
+    images, labels = draft_training_data(student, draft["draft_steps"], student, scorer, pairs, batch_size=6)
+    indices = pairs["index"].tolist()
+    graphs, seeds = shapes_graphs(STREAM, indices), [pair_seed(STREAM, i) for i in indices]
+    # Drafts: what the SBPC job's draft generator returns for these seeds (guidance-free, the student's steps).
+    expected = pipeline_generate_fn(student, 1.0)(graphs, seeds, draft["draft_steps"], 16, 16)
+    np.testing.assert_array_equal(images, np.stack(expected))
+    # Labels: the final segmenter's class maps of the teacher's full renders of the same seeds.
+    finals = pipeline_generate_fn(teacher, 3.0)(graphs, seeds, 2, 16, 16)
+    np.testing.assert_array_equal(labels, np.stack(scorer.segment(finals)))
+
+
+def test_draft_segmenter_learns_the_final_maps_and_saves_the_best(distilled, segmenter_dir, tmp_path):
+    _, paths, student_dir = distilled
+    torch.manual_seed(0)
+    summary = train_draft_segmenter(segmenter_dir, student_dir, paths, tmp_path / "seg", train_steps=8, batch_size=8,
+                                    lr=1e-3, val_count=16, eval_every=4, log=lambda _: None)
+    history = summary["history"]
+    assert [h["step"] for h in history] == [0, 4, 8]
+    best = min(history, key=lambda h: h["val_loss"])
+    assert summary["best_step"] == best["step"] and best["val_loss"] < history[0]["val_loss"]
+    assert read_draft_segmenter_config(tmp_path / "seg") == {
+        "draft_model": str(student_dir), "draft_steps": 2, "final_segmenter": segmenter_dir}
+    assert read_draft_segmenter_config(segmenter_dir) is None
+
+    # The saved model is the best one: scored through the job's scorer class, its held-out drafts
+    # have the recall error the summary reports.
+    student, draft = load_draft_model(student_dir)
+    final_scorer = SegmentationScorer.from_pretrained(segmenter_dir)
+    images, labels = draft_training_data(student, 2, student, final_scorer, load_pairs(paths))
+    graphs = shapes_graphs(STREAM, range(32, 48))
+    saved = SegmentationScorer.from_pretrained(tmp_path / "seg")
+    draft_recall = np.array([r.recall for r in saved.score(list(images[32:]), graphs)])
+    final_recall = np.array([r.recall for r in final_scorer.score_class_maps(labels[32:], graphs)])
+    assert np.abs(draft_recall - final_recall).mean() == pytest.approx(best["recall_mae"])

@@ -2,6 +2,8 @@
 
     python -m jobs.sbpc --candidates 8 --draft-steps 4 --final-steps 50      # draft mode, demo defaults
     python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft   # distilled drafts
+    python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft \
+        --draft-segmenter models/shapes-segmenter-draft                               # ... read by a draft segmenter
     ray job submit --working-dir . -- python -m jobs.sbpc --input s3://… --output s3://… --candidates 10
 
 Every flag of the generate job applies. Ray Data streams read -> validate -> SBPC generator actors
@@ -33,6 +35,7 @@ from jobs.stages import (
 )
 from jobs.summary import read_table
 from sgmodel.draft_distill import read_draft_config
+from sgmodel.draft_segmenter import read_draft_segmenter_config
 from sgmodel.sbpc import table3_statistics
 from workers.schema import CANDIDATES_SCHEMA, SBPC_METADATA_SCHEMA
 
@@ -56,6 +59,9 @@ class SBPCJobConfig(GenerateConfig):
     draft_model: str | None = None
     """Draft mode on a distilled draft model (python -m jobs.distill_draft): drafts use its own steps
     (or --draft-steps), without guidance."""
+    draft_segmenter: str | None = None
+    """Draft mode: score the drafts with this segmenter, trained to read them as their final images
+    (python -m jobs.distill_draft); final images are still scored by --segmenter."""
     target_recall: float | None = None
     """Adaptive mode: stop drawing candidates for a graph once one reaches this recall."""
     round_size: int = 1
@@ -79,13 +85,23 @@ class SBPCJobConfig(GenerateConfig):
         if self.draft_model and Path(resolve(self.draft_model)).is_dir():  # s3:// models are checked on the actors
             require(read_draft_config(resolve(self.draft_model)) is not None, "draft_model", self.draft_model,
                     "has no draft.json: not a distilled draft model (make one with python -m jobs.distill_draft)")
+        require(self.draft_segmenter is None or self.draft_steps is not None or self.draft_model is not None,
+                "draft_segmenter", self.draft_segmenter, "needs draft mode (--draft-model or --draft-steps)")
+        if self.draft_segmenter and self.draft_model:
+            learnt = read_draft_segmenter_config(resolve(self.draft_segmenter))
+            if learnt and Path(resolve(learnt["draft_model"])).resolve() != Path(resolve(self.draft_model)).resolve():
+                logger.warning("--draft-segmenter %s learnt the drafts of %s, not of --draft-model %s",
+                               self.draft_segmenter, learnt["draft_model"], self.draft_model)
         require(self.target_recall is None or 0 <= self.target_recall <= 1, "target_recall", self.target_recall,
                 "must be in [0, 1]")
         require(self.round_size >= 1, "round_size", self.round_size, "must be >= 1")
 
     def resolved(self) -> SBPCJobConfig:
         out = super().resolved()
-        return dataclasses.replace(out, draft_model=resolve(self.draft_model)) if self.draft_model else out
+        for name in ("draft_model", "draft_segmenter"):
+            if getattr(self, name):
+                out = dataclasses.replace(out, **{name: resolve(getattr(self, name))})
+        return out
 
     def sbpc_args(self) -> dict:
         return {
@@ -102,7 +118,8 @@ def build_dataset(cfg: SBPCJobConfig, pending, storage, dupes, run_uri: str, mod
 
     where = placement(cfg)
     check_cpu_budget(cfg)
-    score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
+    score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision,
+                            draft_segmenter=cfg.draft_segmenter)
     scorer_cls = scorer_actor_class()
     scorers = [scorer_cls.options(num_cpus=SCORER_CPUS, num_gpus=where.scorer_gpus).remote(score, storage.settings)
                for _ in range(cfg.scorer_workers)]
@@ -127,7 +144,7 @@ def sbpc_statistics(storage, run_uri: str, cfg: SBPCJobConfig) -> dict:
     mode = "draft" if args["draft_steps"] or cfg.draft_model else "naive"
     return {
         "mode": f"adaptive-{mode}" if args["target_recall"] is not None else mode, **args,
-        "draft_model": cfg.draft_model,
+        "draft_model": cfg.draft_model, "draft_segmenter": cfg.draft_segmenter,
         **{k: v for k, v in table3_statistics(list(per_graph.values())).items() if k != "graphs"},
         "seconds_per_graph": sum(seconds) / len(seconds) if seconds else None,
     }

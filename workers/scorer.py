@@ -36,6 +36,8 @@ class ScoringSettings:
     batch_size: int = 16
     options: dict = field(default_factory=dict)
     """RecallConfig fields (min_area_fraction, mapping, …)."""
+    draft_segmenter: str | None = None
+    """SBPC draft mode: a segmenter that reads drafts as their final images (sgmodel.draft_segmenter)."""
 
 
 def decode_image(png: bytes) -> Image.Image:
@@ -49,17 +51,25 @@ class Scorer:
         set_threads(settings.threads)
         device = pick_device(settings.use_gpu)
         dtype = pick_dtype(settings.precision, device)
-        path = localize_model(settings.segmenter, Storage(storage_settings) if storage_settings else None)
-        self.scorer = SegmentationScorer.from_pretrained(
-            path, device=device, dtype=dtype, batch_size=settings.batch_size, **settings.options
-        )
+        storage = Storage(storage_settings) if storage_settings else None
+
+        def load(model: str) -> SegmentationScorer:
+            return SegmentationScorer.from_pretrained(localize_model(model, storage), device=device, dtype=dtype,
+                                                      batch_size=settings.batch_size, **settings.options)
+
+        self.scorer = load(settings.segmenter)
+        self.draft_scorer = load(settings.draft_segmenter) if settings.draft_segmenter else self.scorer
 
     def score(self, pngs: list[bytes], graphs_json: list[str]) -> list[RecallResult]:
         return self.scorer.score([decode_image(p) for p in pngs], [graph_from_json(g) for g in graphs_json])
 
-    def score_images(self, images: list, graphs_json: list[str]) -> list[RecallResult]:
-        """Uint8 arrays [H, W, 3] (SBPC candidates, never encoded) against their graphs."""
-        return self.scorer.score(images, [graph_from_json(g) for g in graphs_json])
+    def score_images(self, images: list, graphs_json: list[str], draft: bool = False) -> list[RecallResult]:
+        """Uint8 arrays [H, W, 3] (SBPC candidates, never encoded) against their graphs.
+
+        ``draft``: the images are SBPC drafts, read by the draft segmenter when there is one.
+        """
+        scorer = self.draft_scorer if draft else self.scorer
+        return scorer.score(images, [graph_from_json(g) for g in graphs_json])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

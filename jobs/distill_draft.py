@@ -67,13 +67,15 @@ class DistillDraftConfig:
     segmenter_output: str = "models/shapes-segmenter-draft"
     """Folder that receives the draft segmenter."""
     segmenter_steps: int = 800
-    """Draft segmenter optimizer steps (batches of 32)."""
+    """Draft segmenter optimizer steps."""
+    segmenter_batch_size: int = 32
+    """Drafts per draft segmenter step."""
     skip_segmenter: bool = False
     """Do not train the draft segmenter."""
 
     def __post_init__(self) -> None:
         for name in ("pairs", "teacher_steps", "draft_steps", "train_steps", "batch_size", "processes", "threads",
-                     "segmenter_steps"):
+                     "segmenter_steps", "segmenter_batch_size"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.guidance >= 0, "guidance", self.guidance, "must be >= 0")
         require(0 < self.val_count < self.pairs, "val_count", self.val_count, f"must be in 1 … {self.pairs - 1}")
@@ -136,8 +138,8 @@ def run(cfg: DistillDraftConfig) -> dict:
         torch.set_num_threads(cfg.threads)
         summary["segmenter"] = train_draft_segmenter(
             cfg.segmenter, cfg.output, paths, cfg.segmenter_output, train_steps=cfg.segmenter_steps,
-            val_count=cfg.val_count, seed=cfg.seed, eval_every=max(1, min(100, cfg.segmenter_steps // 4)),
-            log=lambda m: print(m, flush=True),
+            batch_size=cfg.segmenter_batch_size, val_count=cfg.val_count, seed=cfg.seed,
+            eval_every=max(1, min(100, cfg.segmenter_steps // 4)), log=lambda m: print(m, flush=True),
         )
     print(f"== done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return summary

@@ -85,6 +85,9 @@ class RecallConfig:
     """A region must cover at least this fraction of the image (FG-DM's minimum area)."""
     min_pixels: int = 0
     """...and at least this many pixels; the larger of the two limits applies (never below 1)."""
+    expected_area_fraction: float = 0.04
+    """Expected recall (a soft score for ranking SBPC drafts): an object counts as surely present when
+    the segmenter's probability mass of its class adds up to this fraction of the image per object."""
     connectivity: Literal[4, 8] = 8
     """Pixel neighbourhood for connected components (8 merges diagonal touches: fewer false duplicates)."""
     relation_tolerance: float = 0.0
@@ -106,6 +109,9 @@ class RecallConfig:
             raise ValueError(f"min_area_fraction must be a number in [0, 1], got {frac!r}")
         if isinstance(self.min_pixels, bool) or not isinstance(self.min_pixels, int) or self.min_pixels < 0:
             raise ValueError(f"min_pixels must be an integer >= 0, got {self.min_pixels!r}")
+        area = self.expected_area_fraction
+        if isinstance(area, bool) or not isinstance(area, (int, float)) or not 0.0 < area <= 1.0:
+            raise ValueError(f"expected_area_fraction must be a number in (0, 1], got {area!r}")
         if self.connectivity not in (4, 8) or isinstance(self.connectivity, bool):
             raise ValueError(f"connectivity must be 4 or 8, got {self.connectivity!r}")
         tol = self.relation_tolerance
@@ -439,6 +445,10 @@ class RecallResult:
     """Per graph relation: True satisfied, False violated, None not checkable."""
     object_classes: list[str | None] = field(default_factory=list)
     """Per graph object: the matched class name, None when unscorable."""
+    expected_recall: float | None = None
+    """A soft recall from the segmenter's class probabilities (:func:`expected_recall`), when it
+    scored the image itself (not a bare class map): it still moves when a blurry draft shows an
+    object too faintly for the argmax, so SBPC ranks drafts of equal recall by it."""
 
     @property
     def num_scorable(self) -> int:
@@ -597,6 +607,21 @@ def score_class_maps(
     return results
 
 
+def expected_recall(class_areas: np.ndarray, graph: SceneGraph, matches: list[LabelMatch],
+                    config: RecallConfig) -> float:
+    """Soft recall of one image: per scorable object, min(1, its class's probability mass as a
+    fraction of the image / (objects of that class x ``expected_area_fraction``)), averaged.
+
+    class_areas: [C] mean softmax probability of each class over the image. 1.0 when nothing is
+    scorable, like ``recall``.
+    """
+    ids = [m.class_id for m in matches if m.class_id is not None]
+    if not ids:
+        return 1.0
+    per_object = [min(1.0, float(class_areas[c]) / (ids.count(c) * config.expected_area_fraction)) for c in ids]
+    return sum(per_object) / len(per_object)
+
+
 # ----------------------------------------------------------------------------- segmentation
 
 
@@ -717,8 +742,14 @@ class SegmentationScorer:
         [H, W] (uint8 when the model has <= 256 classes, else int32): the argmax of the logits
         [C, h, w] after bilinear upsampling to [C, H, W] (in float32, one image at a time).
         """
+        return self._segment(images)[0]
+
+    @torch.inference_mode()
+    def _segment(self, images: Sequence[Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Class maps, and per image each class's mean softmax probability [C] (for expected recall)."""
         arrays = [_as_rgb(im, i) for i, im in enumerate(images)]
         out: list[np.ndarray | None] = [None] * len(arrays)
+        areas: list[np.ndarray | None] = [None] * len(arrays)
         num_classes = max(self.id2label) + 1
         map_dtype = np.uint8 if num_classes <= 256 else np.int32
         for batch in self._batches(arrays):
@@ -729,7 +760,8 @@ class SegmentationScorer:
                 height, width = arrays[i].shape[:2]
                 up = F.interpolate(logits[j : j + 1].float(), size=(height, width), mode="bilinear", align_corners=False)
                 out[i] = up[0].argmax(dim=0).to("cpu").numpy().astype(map_dtype)  # [H, W]
-        return [m for m in out if m is not None]
+                areas[i] = up[0].softmax(dim=0).mean(dim=(1, 2)).to("cpu").numpy()  # [C]
+        return [m for m in out if m is not None], [a for a in areas if a is not None]
 
     def score_class_maps(self, class_maps: Sequence[np.ndarray] | np.ndarray, graphs: Sequence[SceneGraph]) -> list[RecallResult]:
         """:func:`score_class_maps` with this scorer's classes, options and caches."""
@@ -740,7 +772,12 @@ class SegmentationScorer:
         images, graphs = list(images), list(graphs)
         if len(images) != len(graphs):
             raise ValueError(f"got {len(images)} images for {len(graphs)} graphs; need one per graph")
-        return self.score_class_maps(self.segment(images), graphs)
+        maps, areas = self._segment(images)
+        results = self.score_class_maps(maps, graphs)
+        for result, class_areas, graph in zip(results, areas, graphs):
+            result.expected_recall = expected_recall(class_areas, graph, self.matcher.match_many(graph.objects),
+                                                     self.config)
+        return results
 
 
 __all__ = [
@@ -754,6 +791,7 @@ __all__ = [
     "Region",
     "SegmentationScorer",
     "candidate_phrases",
+    "expected_recall",
     "normalize_name",
     "normalize_predicate",
     "object_description",

@@ -2,16 +2,22 @@
 
 Three ways to spend the candidates:
 - naive: every candidate at full quality; the best one is the output.
-- draft: candidates with few steps (and optionally at a lower resolution); only the winning seed is
-  rendered at full quality, and that final image is scored again. FG-DM's point — scoring cheap
-  candidates — with the diffusion model's own few-step samples standing in for its segmentation
-  factor. With a deterministic sampler (DDIM) the same seed gives the same layout at any step
-  count, so the draft's recall predicts the final image's. The drafts can come from a distilled
+- draft: candidates with few steps (and optionally at a lower resolution); only the best draft's
+  seed is rendered at full quality, and that final image is scored again. FG-DM's point — scoring
+  cheap candidates — with the diffusion model's own few-step samples standing in for its
+  segmentation factor. With a deterministic sampler (DDIM) the same seed gives the same layout at
+  any step count, so the draft's recall predicts the final image's — roughly: drafts are ranked by
+  recall, then by expected recall (the segmenter's class probabilities, which still see objects a
+  blurry draft shows too faintly for the argmax), then relation score and index. With
+  ``final_candidates`` M > 1 the M best drafts' seeds are rendered in that order, in rounds, until
+  a final image reaches the target recall, and the best final image (by the selection rule) wins:
+  the drafts only decide the order, final images decide the winner. The drafts can come from a distilled
   draft model instead (``generate_draft``; :mod:`sgmodel.draft_distill`), trained so that a seed's
   draft looks like that seed's full render, and be scored by a segmenter trained to read drafts as
   their final images (``score_draft``; :mod:`sgmodel.draft_segmenter`).
 - adaptive: candidates are drawn in rounds and a graph stops as soon as one reaches the target
-  recall (up to N); combinable with draft.
+  recall (up to N); combinable with draft, where the target stops the drafts (one final render)
+  or, with ``final_candidates`` > 1, the final renders (then every graph drafts all N).
 
 The selection logic is pure: ``generate`` and ``score`` are callables, so it runs in-process
 (benchmarks) and inside a Ray generator actor whose scoring goes to scorer actors (the job).
@@ -54,6 +60,8 @@ class SBPCConfig:
     """Adaptive mode when set: a graph stops drawing once a candidate reaches this recall."""
     round_size: int = 1
     """Candidates per graph per round in adaptive mode."""
+    final_candidates: int = 1
+    """Draft mode: the most drafts rendered at full quality, best first (M)."""
     base_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,11 +78,21 @@ class SBPCConfig:
             raise ValueError(f"target_recall must be in [0, 1], got {self.target_recall!r}")
         if self.round_size < 1:
             raise ValueError(f"round_size must be >= 1, got {self.round_size!r}")
+        if not 1 <= self.final_candidates <= self.candidates:
+            raise ValueError(f"final_candidates must be in 1 … candidates ({self.candidates}), "
+                             f"got {self.final_candidates!r}")
+        if self.final_candidates > 1 and self.draft_steps is None:
+            raise ValueError("final_candidates > 1 needs draft mode (draft_steps): naive candidates are final already")
 
     @property
     def mode(self) -> str:
         base = "draft" if self.draft_steps is not None else "naive"
         return f"adaptive-{base}" if self.target_recall is not None else base
+
+    @property
+    def adaptive_drafts(self) -> bool:
+        """Does the target recall stop the drawing of candidates (rather than of final renders)?"""
+        return self.target_recall is not None and self.final_candidates == 1
 
     @property
     def candidate_steps(self) -> int:
@@ -100,14 +118,23 @@ class Candidate:
         rel = self.result.relation_score
         return (self.result.recall, -1.0 if rel is None else rel, -self.index)
 
+    @property
+    def draft_key(self) -> tuple[float, float, float, int]:
+        """Rank of a draft: recall, then expected recall (breaks the many ties of few-object graphs), then as ``key``."""
+        expected = self.result.expected_recall
+        return (self.result.recall, -1.0 if expected is None else expected, *self.key[1:])
+
 
 @dataclass
 class SBPCResult:
     graph: SceneGraph
     candidates: list[Candidate]
     winner: Candidate
+    """The candidate whose seed is the output."""
     final: Candidate
     """The output: the winner itself (naive) or its full-quality re-render, scored again (draft)."""
+    finals: list[Candidate] = field(default_factory=list)
+    """Draft mode: every full-quality render, in the order they were made (the drafts' rank)."""
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -127,6 +154,11 @@ def pick_winner(candidates: Sequence[Candidate]) -> Candidate:
     if not candidates:
         raise ValueError("no candidates to choose from")
     return max(candidates, key=lambda c: c.key)
+
+
+def rank_drafts(drafts: Sequence[Candidate]) -> list[Candidate]:
+    """Drafts best first (:attr:`Candidate.draft_key`): the order their seeds are rendered in full."""
+    return sorted(drafts, key=lambda c: c.draft_key, reverse=True)
 
 
 def draft_noise(full_noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -159,7 +191,7 @@ def run_sbpc(
     graphs = list(graphs)
     pools: list[list[Candidate]] = [[] for _ in graphs]
     active = list(range(len(graphs)))
-    per_round = config.round_size if config.target_recall is not None else config.candidates
+    per_round = config.round_size if config.adaptive_drafts else config.candidates
     steps = config.candidate_steps
     height, width = config.candidate_size
     while active:
@@ -177,21 +209,46 @@ def run_sbpc(
         still = []
         for g in active:
             done = len(pools[g]) >= config.candidates
-            if config.target_recall is not None and pick_winner(pools[g]).result.recall >= config.target_recall:
+            if config.adaptive_drafts and pick_winner(pools[g]).result.recall >= config.target_recall:
                 done = True
             if not done:
                 still.append(g)
         active = still
-    winners = [pick_winner(pool) for pool in pools]
     if config.draft_steps is None:
-        finals = winners
+        winners = [pick_winner(pool) for pool in pools]
+        finals, rendered = winners, [[] for _ in graphs]
     else:
-        # 4. Draft mode: render only the winning seeds at full quality and score those images again.
-        images = generate(graphs, [w.seed for w in winners], config.final_steps, config.height, config.width)
-        results = score(images, graphs)
-        finals = [Candidate(w.index, w.seed, r, im) for w, r, im in zip(winners, results, images)]
+        winners, finals, rendered = _render_finals(graphs, pools, config, generate, score)
     seconds = (time.perf_counter() - started) / max(1, len(graphs))
-    return [SBPCResult(g, pool, w, f, seconds) for g, pool, w, f in zip(graphs, pools, winners, finals)]
+    return [SBPCResult(g, pool, w, f, finals=r, seconds=seconds)
+            for g, pool, w, f, r in zip(graphs, pools, winners, finals, rendered)]
+
+
+def _render_finals(graphs: list[SceneGraph], pools: list[list[Candidate]], config: SBPCConfig, generate: GenerateFn,
+                   score: ScoreFn) -> tuple[list[Candidate], list[Candidate], list[list[Candidate]]]:
+    """Draft mode: render the best drafts' seeds at full quality, one per graph per round, until a
+    graph has rendered ``final_candidates`` or (adaptive) a final image reaches the target.
+
+    Returns per graph the winning draft, its final image and every final image made.
+    """
+    ranked = [rank_drafts(pool) for pool in pools]
+    rendered: list[list[Candidate]] = [[] for _ in graphs]
+    active = list(range(len(graphs)))
+    while active:
+        drafts = [ranked[g][len(rendered[g])] for g in active]
+        images = generate([graphs[g] for g in active], [d.seed for d in drafts], config.final_steps,
+                          config.height, config.width)
+        results = score(images, [graphs[g] for g in active])
+        still = []
+        for g, d, image, result in zip(active, drafts, images, results):
+            rendered[g].append(Candidate(d.index, d.seed, result, image))
+            reached = config.target_recall is not None and result.recall >= config.target_recall
+            if len(rendered[g]) < min(config.final_candidates, len(ranked[g])) and not reached:
+                still.append(g)
+        active = still
+    finals = [pick_winner(r) for r in rendered]
+    winners = [next(c for c in pool if c.index == f.index) for pool, f in zip(pools, finals)]
+    return winners, finals, rendered
 
 
 def table3_statistics(recalls_per_graph: Sequence[Sequence[float]]) -> dict[str, Any]:

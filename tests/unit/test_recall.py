@@ -291,6 +291,8 @@ def test_bad_arguments_raise_value_errors_quoting_the_value():
         RecallConfig(min_area_fraction=1.5)
     with pytest.raises(ValueError, match="-3"):
         RecallConfig(min_pixels=-3)
+    with pytest.raises(ValueError, match=r"expected_area_fraction must be a number in \(0, 1\], got 0"):
+        RecallConfig(expected_area_fraction=0)
     with pytest.raises(ValueError, match="6"):
         RecallConfig(connectivity=6)
     with pytest.raises(ValueError, match="2.0"):
@@ -512,6 +514,16 @@ def test_score_end_to_end_with_a_segmenter_forced_to_one_class(segformer_dir):
     assert results[0].found == ["red circle"] and results[0].missing == ["green square"] and results[0].recall == 0.5
     assert results[1].missing == ["blue circle"] and results[1].unscorable == ["hexagon"] and results[1].recall == 0.0
     assert all(isinstance(r.to_row()["recall"], float) for r in results)
+    # Expected recall: every pixel has p(red circle) = e^5 / (e^5 + 15) and p(other) = 1 / (e^5 + 15), so
+    # the red circle's mass is surely enough and a green square's is 1/(e^5+15) / 0.04 of enough.
+    other = 1 / (np.exp(5.0) + 15)
+    assert results[0].expected_recall == pytest.approx((1.0 + other / 0.04) / 2, rel=1e-4)
+    assert results[1].expected_recall == pytest.approx(other / 0.04, rel=1e-4)  # the hexagon is left out
+    two = scorer.score(images[:1], [graph(SGObject("square", ("green",)), SGObject("square", ("green",)))])[0]
+    assert two.expected_recall == pytest.approx(other / 0.08, rel=1e-4)  # two objects share their class's mass
+    nothing = scorer.score(images[:1], [graph(SGObject("hexagon"))])[0]
+    assert nothing.recall == nothing.expected_recall == 1.0
+    assert score_one(canvas(), graph(SGObject("cat"))).expected_recall is None  # a bare class map has no probabilities
 
 
 def test_reduced_precision_path_selected_by_argument(segformer_dir):

@@ -14,6 +14,7 @@ from sgmodel.sbpc import (
     candidate_seed,
     draft_noise,
     pick_winner,
+    rank_drafts,
     run_sbpc,
     table3_statistics,
 )
@@ -21,9 +22,10 @@ from sgmodel.sbpc import (
 G = [SceneGraph(id=f"g{i}", objects=(SGObject("circle"),)) for i in range(3)]
 
 
-def result(recall: float, relation: float | None = None) -> RecallResult:
+def result(recall: float, relation: float | None = None, expected: float | None = None) -> RecallResult:
     return RecallResult(graph_id="g", recall=recall, found=[], missing=[], unscorable=[], relation_score=relation,
-                        relations_checked=0 if relation is None else 1, relations_satisfied=0)
+                        relations_checked=0 if relation is None else 1, relations_satisfied=0,
+                        expected_recall=expected)
 
 
 def cand(index: int, recall: float, relation: float | None = None) -> Candidate:
@@ -128,6 +130,60 @@ def test_a_draft_scorer_ranks_the_drafts_and_the_scorer_scores_the_finals():
     with pytest.raises(ValueError, match="score_draft needs draft mode"):
         run_sbpc(G, SBPCConfig(candidates=3, final_steps=20, height=16, width=16), s.generate, s.score,
                  score_draft=score_draft)
+
+
+def test_drafts_rank_by_recall_then_expected_recall_then_the_selection_rule():
+    def d(index, recall, expected=None, relation=None):
+        return Candidate(index=index, seed=index, result=result(recall, relation, expected))
+
+    ranked = rank_drafts([d(0, 0.5, 0.9), d(1, 1.0, 0.2), d(2, 0.5, 0.95), d(3, 1.0, 0.6), d(4, 0.5, 0.9, 1.0)])
+    assert [c.index for c in ranked] == [3, 1, 2, 4, 0]
+    assert [c.index for c in rank_drafts([d(2, 0.5), d(0, 0.5), d(1, 0.5, None, 0.0)])] == [1, 0, 2]
+
+
+class Finals(Scripted):
+    """Drafts score ``draft_of``; full renders (steps >= 20) score ``final_of``, by (graph, candidate index)."""
+
+    def __init__(self, draft_of, final_of):
+        super().__init__(draft_of)
+        self.final_of = final_of
+
+    def score(self, images, graphs):
+        out = []
+        for image, graph, seed in zip(images, graphs, self.calls[-1][1]):
+            i = self.seed_index(graph, seed)
+            if int(image[0, 0, 0]) >= 20:
+                out.append(result(self.final_of[(graph.id, i)]))
+            else:
+                out.append(result(self.recall_of[(graph.id, i)], expected=0.1 * i))
+        return out
+
+
+def test_final_candidates_render_the_best_drafts_in_rounds_and_keep_the_best_final():
+    draft = {(g.id, i): v for g in G for i, v in enumerate([0.5, 0.5, 0.5, 0.5])}  # ties: expected recall 0.1 * i
+    final = {**{("g0", i): v for i, v in enumerate([0.1, 0.2, 0.9, 0.4])},
+             **{("g1", i): v for i, v in enumerate([0.1, 0.2, 0.3, 1.0])},
+             **{("g2", i): v for i, v in enumerate([0.8, 0.2, 0.3, 0.4])}}
+    s = Finals(draft, final)
+    cfg = SBPCConfig(candidates=4, final_steps=20, draft_steps=2, height=16, width=16, final_candidates=3,
+                     target_recall=1.0)
+    out = run_sbpc(G, cfg, s.generate, s.score)
+    # all 4 drafts per graph (the target stops finals, not drafts), then finals best draft first: 3, 2, 1
+    assert [(len(ids), steps) for ids, _, steps, _ in s.calls] == [(12, 2), (3, 20), (2, 20), (2, 20)]
+    assert [r.drawn for r in out] == [4, 4, 4]
+    assert [[c.index for c in r.finals] for r in out] == [[3, 2, 1], [3], [3, 2, 1]]  # g1 reached 1.0 at once
+    assert [r.final.index for r in out] == [2, 3, 3]  # the best *final* wins
+    assert [r.final.result.recall for r in out] == [0.9, 1.0, 0.4]
+    assert all(r.winner.index == r.final.index and r.winner.seed == r.final.seed for r in out)
+    # without a target every graph renders exactly final_candidates finals
+    s = Finals(draft, final)
+    out = run_sbpc(G, SBPCConfig(candidates=4, final_steps=20, draft_steps=2, height=16, width=16,
+                                 final_candidates=2), s.generate, s.score)
+    assert [len(r.finals) for r in out] == [2, 2, 2] and [r.final.index for r in out] == [2, 3, 3]
+    with pytest.raises(ValueError, match="needs draft mode"):
+        SBPCConfig(candidates=4, final_steps=20, height=16, width=16, final_candidates=2)
+    with pytest.raises(ValueError, match="final_candidates must be in 1 … candidates"):
+        SBPCConfig(candidates=4, final_steps=20, draft_steps=2, height=16, width=16, final_candidates=5)
 
 
 def test_adaptive_stops_each_graph_at_the_target():

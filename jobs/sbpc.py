@@ -66,6 +66,10 @@ class SBPCJobConfig(GenerateConfig):
     """Adaptive mode: stop drawing candidates for a graph once one reaches this recall."""
     round_size: int = 1
     """Adaptive mode: candidates per graph per round."""
+    final_candidates: int = 1
+    """Draft mode: render up to this many of the best drafts' seeds in full, best first, and keep the best
+    final image; with --target-recall, a graph stops at the first final image that reaches it (and
+    draws all its drafts)."""
     keep_candidates: bool = False
     """Also write every candidate's image (candidates/images/)."""
 
@@ -95,6 +99,10 @@ class SBPCJobConfig(GenerateConfig):
         require(self.target_recall is None or 0 <= self.target_recall <= 1, "target_recall", self.target_recall,
                 "must be in [0, 1]")
         require(self.round_size >= 1, "round_size", self.round_size, "must be >= 1")
+        require(1 <= self.final_candidates <= self.candidates, "final_candidates", self.final_candidates,
+                f"must be in 1 … --candidates ({self.candidates})")
+        require(self.final_candidates == 1 or self.draft_steps is not None or self.draft_model is not None,
+                "final_candidates", self.final_candidates, "needs draft mode (--draft-model or --draft-steps)")
 
     def resolved(self) -> SBPCJobConfig:
         out = super().resolved()
@@ -107,7 +115,7 @@ class SBPCJobConfig(GenerateConfig):
         return {
             "candidates": self.candidates, "final_steps": self.final_steps or self.steps,
             "draft_steps": self.draft_steps, "draft_size": self.draft_size, "target_recall": self.target_recall,
-            "round_size": self.round_size,
+            "round_size": self.round_size, "final_candidates": self.final_candidates,
         }
 
 
@@ -138,14 +146,16 @@ def sbpc_statistics(storage, run_uri: str, cfg: SBPCJobConfig) -> dict:
     per_graph: dict[str, list[float]] = {}
     for row_id, recall in zip(cands.column("id").to_pylist(), cands.column("recall").to_pylist()):
         per_graph.setdefault(row_id, []).append(recall)
-    meta = read_table(storage, f"{run_uri}/metadata", SBPC_METADATA_SCHEMA, ["gen_seconds", "recall"])
+    meta = read_table(storage, f"{run_uri}/metadata", SBPC_METADATA_SCHEMA, ["gen_seconds", "recall", "finals_rendered"])
     seconds = [v for v in meta.column("gen_seconds").to_pylist() if v is not None]
+    finals = [v for v in meta.column("finals_rendered").to_pylist() if v is not None]
     args = cfg.sbpc_args()
     mode = "draft" if args["draft_steps"] or cfg.draft_model else "naive"
     return {
         "mode": f"adaptive-{mode}" if args["target_recall"] is not None else mode, **args,
         "draft_model": cfg.draft_model, "draft_segmenter": cfg.draft_segmenter,
         **{k: v for k, v in table3_statistics(list(per_graph.values())).items() if k != "graphs"},
+        "avg_finals_rendered": sum(finals) / len(finals) if finals else None,
         "seconds_per_graph": sum(seconds) / len(seconds) if seconds else None,
     }
 

@@ -106,8 +106,11 @@ class SBPCGenerator:
         out = []
         for row, res in zip(rows, results):
             final = res.final
+            rendered = {f.index: f.result.recall for f in res.finals}
             candidates = [
                 {"candidate_index": c.index, "seed": c.seed, **{k: c.result.to_row()[k] for k in RECALL_COLUMNS},
+                 "expected_recall": c.result.expected_recall,
+                 "final_recall": rendered.get(c.index) if cfg.draft_steps is not None else c.result.recall,
                  "won": c.index == res.winner.index,
                  "image": encode_png(c.image) if self.keep and c.image is not None else None}
                 for c in res.candidates
@@ -118,6 +121,7 @@ class SBPCGenerator:
                 "height": cfg.height, "width": cfg.width, "steps": cfg.final_steps, "guidance": self.settings.guidance,
                 "gen_seconds": res.seconds, **final.result.to_row(), "score_seconds": None,
                 "candidates_drawn": res.drawn, "winner_candidate": res.winner.index,
+                "finals_rendered": len(res.finals) if cfg.draft_steps is not None else res.drawn,
                 "candidate_steps": cfg.candidate_steps, "candidate_height": cfg.candidate_size[0],
                 "candidates": candidates,
             })

@@ -40,11 +40,19 @@ GENERATED_SCHEMA = pa.schema(
 
 SCORED_SCHEMA = pa.schema(list(GENERATED_SCHEMA) + list(RECALL_ROW_SCHEMA) + [pa.field("score_seconds", pa.float32())])
 
+CANDIDATE_SCORES = [
+    pa.field("expected_recall", pa.float64()),
+    pa.field("final_recall", pa.float64()),
+]
+"""Per candidate: the soft recall the drafts are ranked by, and the recall of its full render (null when
+its seed was not rendered in full; in naive mode the candidate is the full render)."""
+
 CANDIDATE_TYPE = pa.struct(
     [
         pa.field("candidate_index", pa.int32()),
         pa.field("seed", pa.int64()),
         *RECALL_ROW_SCHEMA,
+        *CANDIDATE_SCORES,
         pa.field("won", pa.bool_()),
         pa.field("image", pa.binary()),
     ]
@@ -52,6 +60,7 @@ CANDIDATE_TYPE = pa.struct(
 SBPC_FIELDS = [
     pa.field("candidates_drawn", pa.int32()),
     pa.field("winner_candidate", pa.int32()),
+    pa.field("finals_rendered", pa.int32()),
     pa.field("candidate_steps", pa.int32()),
     pa.field("candidate_height", pa.int32()),
 ]
@@ -102,6 +111,7 @@ CANDIDATES_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("width", pa.int32()),
         *RECALL_ROW_SCHEMA,
+        *CANDIDATE_SCORES,
         pa.field("won", pa.bool_()),
         pa.field("image_key", pa.string()),
     ]

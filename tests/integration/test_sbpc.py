@@ -35,7 +35,7 @@ def config(model, segmenter, inputs, out, run_id, **kw) -> SBPCJobConfig:
 
 def test_draft_sbpc_candidates_winners_and_statistics(local_ray, tiny_model_dir, segmenter_dir, inputs, tmp_path):
     summary, code = run(config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "d", candidates=3, draft_steps=2,
-                               keep_candidates=True, report=True))
+                               final_candidates=2, keep_candidates=True, report=True))
     assert code == 0
     run_dir = tmp_path / "d"
     cands, meta = read(run_dir, "candidates"), read(run_dir, "metadata")
@@ -49,13 +49,19 @@ def test_draft_sbpc_candidates_winners_and_statistics(local_ray, tiny_model_dir,
         graph = SceneGraph(id=row["id"], objects=(SGObject("x"),))
         assert [c["candidate_index"] for c in pool] == [0, 1, 2]
         assert [c["seed"] for c in pool] == [candidate_seed(graph, 0, i) for i in range(3)]
-        assert all(c["stage"] == "draft" and c["steps"] == 2 for c in pool)
-        # the winner follows the rule: recall, then relation score, then the lowest index
-        best = max(pool, key=lambda c: (c["recall"], -1 if c["relation_score"] is None else c["relation_score"],
-                                        -c["candidate_index"]))
-        assert [c["won"] for c in pool].count(True) == 1 and best["won"]
-        assert row["winner_candidate"] == best["candidate_index"] and row["seed"] == best["seed"]
-        assert row["steps"] == 4 and row["candidates_drawn"] == 3 and row["recall"] is not None
+        assert all(c["stage"] == "draft" and c["steps"] == 2 and c["expected_recall"] is not None for c in pool)
+        # drafts rank by recall, expected recall, relation score, lowest index; the 2 best are rendered in full
+        ranked = sorted(pool, key=lambda c: (c["recall"], c["expected_recall"],
+                                             -1 if c["relation_score"] is None else c["relation_score"],
+                                             -c["candidate_index"]), reverse=True)
+        assert [c["final_recall"] is not None for c in ranked] == [True, True, False]
+        assert row["finals_rendered"] == 2
+        # ... and the best final image wins
+        winner = next(c for c in pool if c["won"])
+        assert [c["won"] for c in pool].count(True) == 1 and winner in ranked[:2]
+        assert row["recall"] == winner["final_recall"] == max(c["final_recall"] for c in ranked[:2])
+        assert row["winner_candidate"] == winner["candidate_index"] and row["seed"] == winner["seed"]
+        assert row["steps"] == 4 and row["candidates_drawn"] == 3
         assert all((run_dir / c["image_key"]).is_file() for c in pool)
     recalls = [[c["recall"] for c in pool] for pool in by_id.values()]
     s = summary["sbpc"]
@@ -64,7 +70,7 @@ def test_draft_sbpc_candidates_winners_and_statistics(local_ray, tiny_model_dir,
     assert s["avg_min_recall"] == pytest.approx(statistics.fmean(min(r) for r in recalls))
     assert s["avg_median_recall"] == pytest.approx(statistics.fmean(statistics.median(r) for r in recalls))
     assert s["avg_count_at_least"]["0.5"] == pytest.approx(statistics.fmean(sum(v >= 0.5 for v in r) for r in recalls))
-    assert s["avg_candidates_drawn"] == 3.0 and s["seconds_per_graph"] > 0
+    assert s["avg_candidates_drawn"] == 3.0 and s["avg_finals_rendered"] == 2.0 and s["seconds_per_graph"] > 0
     assert summary["recall"]["mean"] == pytest.approx(statistics.fmean(r["recall"] for r in meta))
     # the report shows each graph's candidates side by side, one winner marked per graph
     html = (run_dir / "report.html").read_text()

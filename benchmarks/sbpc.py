@@ -1,7 +1,7 @@
 """SBPC on the shapes demo model (issue 6): N=1 vs naive best-of-N vs draft vs adaptive, side by side.
 
     python benchmarks/sbpc.py [--count 100] [--candidates 8] [--final-steps 25] [--draft-steps 3]
-        [--draft-size PX] [--draft-model PATH [--draft-segmenter PATH]] [--table3-steps 3 25] [--table3-count 100] [--batch-size 8]
+        [--draft-size PX] [--draft-model PATH [--draft-segmenter PATH]] [--final-candidates 4] [--table3-steps 3 25] [--table3-count 100] [--batch-size 8]
         [--markdown sbpc.md] [--json sbpc.json]
 
 One process, the demo model and segmenter, the held-out shapes graphs of
@@ -15,6 +15,9 @@ differ only in how the candidates are spent:
   full steps and size and scored again;
 - adaptive naive / adaptive draft: the same, but a graph stops drawing once a candidate reaches
   ``--target-recall`` (rounds of ``--round-size``);
+- draft, ≤M finals: all N drafts, then the seeds of the M best drafts (``--final-candidates``)
+  rendered in full one round at a time, best first, until a final image reaches ``--target-recall``;
+  the best final image is the output (the job's ``--final-candidates M --target-recall R``);
 - with ``--draft-model``: distilled draft (and its adaptive row): the candidates are the distilled
   draft model's own few guidance-free steps (``python -m jobs.distill_draft``; the job's
   ``--draft-model``), the winner re-rendered at full steps on the demo model;
@@ -106,6 +109,8 @@ class Row:
             "avg_relation_score": statistics.fmean(rel) if rel else None,
             "graphs_with_relation_score": len(rel),
             "avg_candidates_drawn": statistics.fmean(r.drawn for r in self.results),
+            "avg_full_renders": statistics.fmean(len(r.finals) if self.config.draft_steps is not None else r.drawn
+                                                 for r in self.results),
             "seconds": self.seconds,
             "seconds_per_graph": self.seconds / count,
         }
@@ -118,6 +123,8 @@ def build_rows(args: argparse.Namespace, height: int, width: int, distilled_step
     adaptive = {"target_recall": args.target_recall, "round_size": args.round_size}
     n = args.candidates
     size = f", {args.draft_size} px" if args.draft_size else ""
+    finals = {"final_candidates": args.final_candidates, "target_recall": args.target_recall}
+    m = args.final_candidates
     return [
         Row("N=1", SBPCConfig(candidates=1, **common)),
         Row(f"naive N={n}", SBPCConfig(candidates=n, **common)),
@@ -125,7 +132,11 @@ def build_rows(args: argparse.Namespace, height: int, width: int, distilled_step
         Row(f"adaptive naive (≥{args.target_recall:g}, N≤{n})", SBPCConfig(candidates=n, **common, **adaptive)),
         Row(f"adaptive draft (≥{args.target_recall:g}, N≤{n})",
             SBPCConfig(candidates=n, **common, **draft, **adaptive)),
+        Row(f"draft N={n} ({args.draft_steps} steps{size}), ≤{m} finals (≥{args.target_recall:g})",
+            SBPCConfig(candidates=n, **common, **draft, **finals)),
         *([] if distilled_steps is None else [
+            Row(f"distilled draft N={n} ({distilled_steps} steps), ≤{m} finals (≥{args.target_recall:g})",
+                SBPCConfig(candidates=n, **common, draft_steps=distilled_steps, **finals), distilled=True),
             Row(f"distilled draft N={n} ({distilled_steps} steps)",
                 SBPCConfig(candidates=n, **common, draft_steps=distilled_steps), distilled=True),
             Row(f"adaptive distilled draft (≥{args.target_recall:g}, N≤{n})",
@@ -200,10 +211,11 @@ def candidate_pool(rows: list[Row], height: int, width: int) -> dict[tuple[int, 
             for c in res.candidates:
                 if not row.distilled:  # another model's drafts: not the demo model's images at those steps
                     seen.setdefault(c.index, c.result.recall)
-        if row.config.draft_steps is not None:  # the re-render of the winner is candidate `index` at full steps
+        if row.config.draft_steps is not None:  # each full render of a draft's seed is candidate `index` at full steps
             per_graph = pool.setdefault((row.config.final_steps, height, width), [{} for _ in row.results])
             for seen, res in zip(per_graph, row.results):
-                seen.setdefault(res.final.index, res.final.result.recall)
+                for final in res.finals:
+                    seen.setdefault(final.index, final.result.recall)
     return pool
 
 
@@ -259,8 +271,8 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-MAIN_HEADER = ["", "avg recall", "avg max cand.", "avg relation", "candidates / graph", "s / graph",
-               "speed-up vs naive"]
+MAIN_HEADER = ["", "avg recall", "avg max cand.", "avg relation", "candidates / graph", "full renders / graph",
+               "s / graph", "speed-up vs naive"]
 
 
 def main_cells(rows: list[Row], figures: dict) -> list[list[str]]:
@@ -269,7 +281,7 @@ def main_cells(rows: list[Row], figures: dict) -> list[list[str]]:
     for row in rows:
         f = figures["rows"][row.name]
         out.append([row.name, fmt(f["avg_recall"]), fmt(f["avg_max_candidate_recall"]), fmt(f["avg_relation_score"]),
-                    f"{f['avg_candidates_drawn']:.2f}", f"{f['seconds_per_graph']:.2f}",
+                    f"{f['avg_candidates_drawn']:.2f}", f"{f['avg_full_renders']:.2f}", f"{f['seconds_per_graph']:.2f}",
                     f"{naive / f['seconds']:.2f}x"])
     return out
 
@@ -317,8 +329,8 @@ def targets(rows: list[Row], figures: dict, n: int) -> list[dict]:
                         f"{ref['avg_recall']:.3f}",
             "pass": ad["avg_candidates_drawn"] < n and ad["avg_recall"] >= ref["avg_recall"] - 1e-9,
         })
-    for row in rows[5:]:  # the distilled draft rows: the issue's draft targets again
-        if row.config.target_recall is not None:
+    for row in rows[5:]:  # the other draft rows (≤M finals, distilled): the issue's draft targets again
+        if row.config.adaptive_drafts:
             continue
         d = f[row.name]
         speed = naive["seconds"] / d["seconds"]
@@ -349,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --draft-model: its draft segmenter; adds rows whose drafts it scores")
     parser.add_argument("--target-recall", type=float, default=1.0, help="adaptive rows")
     parser.add_argument("--round-size", type=int, default=1, help="adaptive rows: candidates per graph per round")
+    parser.add_argument("--final-candidates", type=int, default=4,
+                        help="'≤M finals' rows: the most best-ranked drafts rendered in full (job: --final-candidates)")
     parser.add_argument("--table3-steps", type=int, nargs=2, default=None, metavar=("A", "B"),
                         help="Table 3 step counts (default: --draft-steps and --final-steps)")
     parser.add_argument("--table3-candidates", type=int, nargs="+", default=[1, 5, 10], metavar="N")
@@ -384,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Warm-up: one small call of each row's configuration on graphs outside the measured set.
     spare = held_out_graphs(args.count + 2, args.stream, height)[args.count:]
     for row in rows:
-        cfg = SBPCConfig(**{**asdict(row.config), "candidates": 1, "final_steps": 2,
+        cfg = SBPCConfig(**{**asdict(row.config), "candidates": 1, "final_candidates": 1, "final_steps": 2,
                             "draft_steps": 1 if row.config.draft_steps else None})
         run_sbpc(spare, cfg, fns.generate, fns.score, generate_draft=fns.drafts_of(row),
                  score_draft=fns.score_drafts_of(row))
@@ -398,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
         "count": args.count, "stream": args.stream, "seed": args.seed, "model": args.model,
         "segmenter": args.segmenter, "final_steps": args.final_steps, "guidance": args.guidance,
         "candidates": args.candidates, "draft_steps": args.draft_steps, "draft_size": args.draft_size,
-        "draft_model": args.draft_model, "draft_segmenter": args.draft_segmenter, "target_recall": args.target_recall, "round_size": args.round_size, "batch_size": args.batch_size,
+        "draft_model": args.draft_model, "draft_segmenter": args.draft_segmenter,
+        "final_candidates": args.final_candidates, "target_recall": args.target_recall, "round_size": args.round_size, "batch_size": args.batch_size,
         "threads": args.threads,
         "rows": {row.name: row.figures(args.count) for row in rows},
         "draft_checks": draft_checks(rows),

@@ -6,7 +6,7 @@
 Truth: every candidate of every held-out graph (the SBPC job's index-derived seeds) rendered at
 ``--final-steps`` with the model's own scheduler and scored by the segmenter. Each draft predictor
 scores the same candidates cheaply; a graph's pick under the predictor (recall, then relation
-score, then the lowest index, as in the job) is looked up in the truth, so "final recall" is what
+score, then the lowest index: the job's rule before it broke recall ties by expected recall) is looked up in the truth, so "final recall" is what
 draft SBPC with that predictor outputs and naive best-of-N is its ceiling. Predictors:
 
 - ``ddim S``: the job's draft, S steps of the model's DDIM from the same noise;

@@ -3,7 +3,7 @@
     python -m jobs.sbpc --candidates 8 --draft-steps 4 --final-steps 50      # draft mode, demo defaults
     python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft   # distilled drafts
     python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft \
-        --draft-segmenter models/shapes-segmenter-draft                               # ... read by a draft segmenter
+        --final-candidates 4 --target-recall 1.0       # full renders of the best drafts until one is complete
     ray job submit --working-dir . -- python -m jobs.sbpc --input s3://… --output s3://… --candidates 10
 
 Every flag of the generate job applies. Ray Data streams read -> validate -> SBPC generator actors
@@ -165,7 +165,8 @@ def run(cfg: SBPCJobConfig) -> tuple[dict, int]:
     s = summary["sbpc"]
     if s.get("avg_max_recall") is not None:
         print(f"SBPC {s['mode']}: avg max candidate recall {s['avg_max_recall']:.3f}, "
-              f"{s['avg_candidates_drawn']:.2f} candidates/graph, {s['seconds_per_graph'] or 0:.2f} s/graph")
+              f"{s['avg_candidates_drawn']:.2f} candidates/graph, {s['avg_finals_rendered'] or 0:.2f} full renders/graph, "
+              f"{s['seconds_per_graph'] or 0:.2f} s/graph")
     return summary, code
 
 

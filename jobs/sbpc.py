@@ -150,7 +150,7 @@ def sbpc_statistics(storage, run_uri: str, cfg: SBPCJobConfig) -> dict:
     seconds = [v for v in meta.column("gen_seconds").to_pylist() if v is not None]
     finals = [v for v in meta.column("finals_rendered").to_pylist() if v is not None]
     args = cfg.sbpc_args()
-    mode = "draft" if args["draft_steps"] or cfg.draft_model else "naive"
+    mode = "naive" if not (args["draft_steps"] or cfg.draft_model) else "draft" if cfg.final_candidates == 1 else "draft-finals"
     return {
         "mode": f"adaptive-{mode}" if args["target_recall"] is not None else mode, **args,
         "draft_model": cfg.draft_model, "draft_segmenter": cfg.draft_segmenter,

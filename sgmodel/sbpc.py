@@ -86,7 +86,7 @@ class SBPCConfig:
 
     @property
     def mode(self) -> str:
-        base = "draft" if self.draft_steps is not None else "naive"
+        base = "naive" if self.draft_steps is None else "draft" if self.final_candidates == 1 else "draft-finals"
         return f"adaptive-{base}" if self.target_recall is not None else base
 
     @property

@@ -65,7 +65,7 @@ def test_draft_sbpc_candidates_winners_and_statistics(local_ray, tiny_model_dir,
         assert all((run_dir / c["image_key"]).is_file() for c in pool)
     recalls = [[c["recall"] for c in pool] for pool in by_id.values()]
     s = summary["sbpc"]
-    assert s["mode"] == "draft"
+    assert s["mode"] == "draft-finals"
     assert s["avg_max_recall"] == pytest.approx(statistics.fmean(max(r) for r in recalls))
     assert s["avg_min_recall"] == pytest.approx(statistics.fmean(min(r) for r in recalls))
     assert s["avg_median_recall"] == pytest.approx(statistics.fmean(statistics.median(r) for r in recalls))

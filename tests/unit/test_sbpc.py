@@ -205,6 +205,8 @@ def test_config_validation_names_the_value():
     with pytest.raises(ValueError, match="1.5"):
         SBPCConfig(candidates=2, final_steps=10, height=32, width=32, target_recall=1.5)
     assert SBPCConfig(candidates=2, final_steps=9, draft_steps=2, target_recall=0.9, height=32, width=32).mode == "adaptive-draft"
+    assert SBPCConfig(candidates=4, final_steps=9, draft_steps=2, final_candidates=2, target_recall=1.0, height=32,
+                      width=32).mode == "adaptive-draft-finals"
 
 
 def test_draft_noise_is_the_pooled_full_noise_with_unit_variance():

@@ -40,15 +40,19 @@ def test_training_data_are_the_jobs_drafts_and_the_final_segmenters_maps(distill
     student, draft = load_draft_model(student_dir)
     scorer = SegmentationScorer.from_pretrained(segmenter_dir)
     pairs = load_pairs(paths[:1])
-    images, labels = draft_training_data(student, draft["draft_steps"], student, scorer, pairs, batch_size=6)
+    # One batch of the shard's 16 pairs, as the reference calls below: batch shapes change odd pixels.
+    images, labels = draft_training_data(student, draft["draft_steps"], student, scorer, pairs, batch_size=16)
     indices = pairs["index"].tolist()
     graphs, seeds = shapes_graphs(STREAM, indices), [pair_seed(STREAM, i) for i in indices]
     # Drafts: what the SBPC job's draft generator returns for these seeds (guidance-free, the student's steps).
     expected = pipeline_generate_fn(student, 1.0)(graphs, seeds, draft["draft_steps"], 16, 16)
-    np.testing.assert_array_equal(images, np.stack(expected))
-    # Labels: the final segmenter's class maps of the teacher's full renders of the same seeds.
+    assert np.abs(images.astype(np.int16) - np.stack(expected).astype(np.int16)).max() <= 1
+    # Labels: the final segmenter's class maps of the teacher's full renders of the same seeds (the pairs'
+    # targets, which are those renders up to odd pixels).
+    stored = list((student.decode(pairs["target"]).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
     finals = pipeline_generate_fn(teacher, 3.0)(graphs, seeds, 2, 16, 16)
-    np.testing.assert_array_equal(labels, np.stack(scorer.segment(finals)))
+    assert max(np.abs(a.astype(np.int16) - b.astype(np.int16)).max() for a, b in zip(stored, finals)) <= 1
+    np.testing.assert_array_equal(labels, np.stack(scorer.segment(stored)))
 
 
 def test_draft_segmenter_learns_the_final_maps_and_saves_the_best(distilled, segmenter_dir, tmp_path):

@@ -78,3 +78,20 @@ def test_draft_segmenter_learns_the_final_maps_and_saves_the_best(distilled, seg
     draft_recall = np.array([r.recall for r in saved.score(list(images[32:]), graphs)])
     final_recall = np.array([r.recall for r in final_scorer.score_class_maps(labels[32:], graphs)])
     assert np.abs(draft_recall - final_recall).mean() == pytest.approx(best["recall_mae"])
+
+
+def test_committed_draft_segmenter_reads_the_committed_draft_models_drafts():
+    from jobs.defaults import DEMO_SEGMENTER, resolve
+    from sgmodel.draft_distill import read_draft_config
+
+    path = resolve("models/shapes-segmenter-draft")
+    draft_model = "models/shapes-sg-diffusion-draft"
+    assert read_draft_segmenter_config(path) == {
+        "draft_model": draft_model, "draft_steps": read_draft_config(resolve(draft_model))["draft_steps"],
+        "final_segmenter": DEMO_SEGMENTER}
+    draft_scorer, final_scorer = SegmentationScorer.from_pretrained(path), SegmentationScorer.from_pretrained(
+        resolve(DEMO_SEGMENTER))
+    assert draft_scorer.id2label == final_scorer.id2label
+    changed = [k for k, v in draft_scorer.model.state_dict().items()
+               if not torch.equal(v, final_scorer.model.state_dict()[k])]
+    assert changed  # fine-tuned, not a copy

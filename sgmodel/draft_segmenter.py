@@ -44,7 +44,6 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 def draft_training_data(
     draft_pipe: SceneGraphDiffusionPipeline,
     draft_steps: int,
-    decoder: SceneGraphDiffusionPipeline,
     scorer: SegmentationScorer,
     pairs: dict[str, Any],
     *,
@@ -52,9 +51,9 @@ def draft_training_data(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Drafts of the pairs' noise and the final segmenter's class maps of the pairs' full renders.
 
-    ``draft_pipe`` draws the drafts as the SBPC job does (its own steps, no guidance);
-    ``decoder`` turns the teacher's latents into images (the teacher pipeline; identity for a
-    pixel-space model). Returns uint8 drafts [N, H, W, 3] and uint8 labels [N, H, W].
+    ``draft_pipe`` draws the drafts as the SBPC job does (its own steps, no guidance) and decodes
+    the teacher's latents too: the student kept the teacher's VAE (identity for a pixel-space model).
+    Returns uint8 drafts [N, H, W, 3] and uint8 labels [N, H, W].
     """
     graphs = shapes_graphs(pairs["stream"], pairs["index"].tolist())
     drafts, labels = [], []
@@ -63,7 +62,7 @@ def draft_training_data(
         out = draft_pipe(graphs[rows], num_inference_steps=draft_steps, guidance_scale=1.0,
                          latents=pairs["noise"][rows], output_type="pt").images
         drafts.append(_to_uint8(out))
-        finals = _to_uint8(decoder.decode(pairs["target"][rows]))
+        finals = _to_uint8(draft_pipe.decode(pairs["target"][rows]))
         labels.extend(scorer.segment(list(finals)))
     return np.concatenate(drafts), np.stack(labels)
 
@@ -100,8 +99,7 @@ def train_draft_segmenter(
         raise ValueError(f"{n} pairs: need more than val_count + batch_size = {val_count + batch_size}")
     draft_pipe, draft = load_draft_model(draft_model_dir)
     final_scorer = SegmentationScorer.from_pretrained(segmenter_dir, load_kwargs={"local_files_only": True})
-    # The student kept the teacher's VAE, so it decodes the teacher's latents too.
-    images, labels = draft_training_data(draft_pipe, int(draft["draft_steps"]), draft_pipe, final_scorer, pairs)
+    images, labels = draft_training_data(draft_pipe, int(draft["draft_steps"]), final_scorer, pairs)
     log(f"{n} drafts and final class maps in {time.perf_counter() - started:.0f} s")
     graphs = shapes_graphs(pairs["stream"], pairs["index"].tolist())
     train_n = n - val_count

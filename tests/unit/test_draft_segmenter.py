@@ -41,7 +41,7 @@ def test_training_data_are_the_jobs_drafts_and_the_final_segmenters_maps(distill
     scorer = SegmentationScorer.from_pretrained(segmenter_dir)
     pairs = load_pairs(paths[:1])
     # One batch of the shard's 16 pairs, as the reference calls below: batch shapes change odd pixels.
-    images, labels = draft_training_data(student, draft["draft_steps"], student, scorer, pairs, batch_size=16)
+    images, labels = draft_training_data(student, draft["draft_steps"], scorer, pairs, batch_size=16)
     indices = pairs["index"].tolist()
     graphs, seeds = shapes_graphs(STREAM, indices), [pair_seed(STREAM, i) for i in indices]
     # Drafts: what the SBPC job's draft generator returns for these seeds (guidance-free, the student's steps).
@@ -72,7 +72,7 @@ def test_draft_segmenter_learns_the_final_maps_and_saves_the_best(distilled, seg
     # have the recall error the summary reports.
     student, draft = load_draft_model(student_dir)
     final_scorer = SegmentationScorer.from_pretrained(segmenter_dir)
-    images, labels = draft_training_data(student, 2, student, final_scorer, load_pairs(paths))
+    images, labels = draft_training_data(student, 2, final_scorer, load_pairs(paths))
     graphs = shapes_graphs(STREAM, range(32, 48))
     saved = SegmentationScorer.from_pretrained(tmp_path / "seg")
     draft_recall = np.array([r.recall for r in saved.score(list(images[32:]), graphs)])

@@ -32,6 +32,7 @@ from jobs.runs import (
 )
 from jobs.stages import (
     SCORER_CPUS,
+    actor_pool,
     check_cpu_budget,
     generation_settings,
     generator_stage,
@@ -181,8 +182,6 @@ def fingerprint(storage: Storage, model: str) -> str:
 def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Storage, dupes: frozenset[str],
                   run_uri: str, model_fp: str):
     """read -> validate -> generator actors -> scorer actors -> sink; consuming it yields per-shard counts."""
-    from ray.data import ActorPoolStrategy
-
     from workers.generator import Generator
     from workers.scorer import Scorer, ScoringSettings
 
@@ -195,7 +194,7 @@ def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Stora
         score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
         ds = ds.map_batches(Scorer, fn_constructor_args=(score, storage.settings), batch_format="pyarrow",
                             batch_size=max(16, cfg.batch_size * cfg.samples_per_graph),
-                            compute=ActorPoolStrategy(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
+                            compute=actor_pool(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
                             num_cpus=SCORER_CPUS)
     return sink_stage(ds, cfg, run_uri, model_fp, storage)
 

@@ -85,24 +85,37 @@ def generation_settings(cfg, gpus: float, steps: int | None = None):
     )
 
 
-def generator_stage(ds, cfg, actor_cls, constructor_args: tuple, gpus: float):
-    """The pool of GPU-resident model actors (autoscaling between --workers MIN,MAX)."""
+def actor_pool(**sizes):
+    """An ActorPoolStrategy whose actors run the model on their main thread.
+
+    By default Ray Data calls an actor's ``__call__`` on a helper thread (to overlap batching,
+    which only helps with ``max_concurrency`` > 1, not used here). Torch's OpenMP kernels run
+    slower from that second thread: on 2 CPUs the same render used 1.3-1.5 cores instead of 2
+    and took 20-50% longer (in and outside Ray). With max_concurrency 1 (the default) "true
+    multi-threading" just means the call runs on the actor's own thread, one at a time. Ray
+    versions without the option keep their default.
+    """
     from ray.data import ActorPoolStrategy
 
+    if "enable_true_multi_threading" in inspect.signature(ActorPoolStrategy.__init__).parameters:
+        sizes["enable_true_multi_threading"] = True
+    return ActorPoolStrategy(**sizes)
+
+
+def generator_stage(ds, cfg, actor_cls, constructor_args: tuple, gpus: float):
+    """The pool of GPU-resident model actors (autoscaling between --workers MIN,MAX)."""
     low, high = cfg.worker_range
     # Ray Data hands an actor whole blocks, and small input files are read as one block: without
     # this split one actor of the pool would get every row while the others idle.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     return ds.map_batches(actor_cls, fn_constructor_args=constructor_args, batch_format="pyarrow",
-                          batch_size=cfg.batch_size, compute=ActorPoolStrategy(min_size=low, max_size=high),
+                          batch_size=cfg.batch_size, compute=actor_pool(min_size=low, max_size=high),
                           num_gpus=gpus, num_cpus=cfg.cpus_per_worker)
 
 
 def sink_stage(ds, cfg, run_uri: str, model_fp: str, storage: Storage):
-    from ray.data import ActorPoolStrategy
-
     from workers.sink import Sink, SinkSettings
 
     sink = SinkSettings(run_uri=run_uri, output_format=cfg.output_format, model_fingerprint=model_fp)
     return ds.map_batches(Sink, fn_constructor_args=(sink, storage.settings), batch_format="pyarrow",
-                          batch_size=SINK_ROWS, compute=ActorPoolStrategy(size=1), num_cpus=SINK_CPUS)
+                          batch_size=SINK_ROWS, compute=actor_pool(size=1), num_cpus=SINK_CPUS)

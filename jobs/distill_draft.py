@@ -58,6 +58,8 @@ class DistillDraftConfig:
     """Torch threads for training."""
     seed: int = 0
     """Seed of the training order."""
+    init_student: str | None = None
+    """A student from an earlier run to continue training (its UNet) instead of starting from the teacher's."""
     skip_pairs: bool = False
     """Only train (on the shards already in --pairs-dir)."""
     skip_training: bool = False
@@ -131,7 +133,7 @@ def run(cfg: DistillDraftConfig) -> dict:
         summary = train_draft_student(
             cfg.teacher, paths, cfg.output, draft_steps=cfg.draft_steps, train_steps=cfg.train_steps,
             batch_size=cfg.batch_size, lr=cfg.lr, val_count=cfg.val_count, seed=cfg.seed,
-            eval_every=max(1, min(50, cfg.train_steps // 4)), log=lambda m: print(m, flush=True),
+            init_from=cfg.init_student, eval_every=max(1, min(50, cfg.train_steps // 4)), log=lambda m: print(m, flush=True),
         )
     if not cfg.skip_segmenter:
         print(f"== draft segmenter -> {cfg.segmenter_output}", flush=True)

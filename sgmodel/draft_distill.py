@@ -155,12 +155,15 @@ def train_draft_student(
     val_count: int = 256,
     eval_every: int = 50,
     seed: int = 0,
+    init_from: str | Path | None = None,
     log=print,
 ) -> dict:
     """Train the student on teacher pairs and save the best (lowest held-out loss) as a pipeline folder.
 
     Only the UNet learns; graph encoder, conditioner and text model stay the teacher's, so a graph's
-    condition is the same in draft and final. Returns the training summary (also saved).
+    condition is the same in draft and final. ``init_from``: a student saved by this function to
+    continue from (its UNet; same draft steps) instead of the teacher's UNet. Returns the training
+    summary (also saved).
     """
     pairs = load_pairs(pair_paths)
     n = len(pairs["index"])
@@ -168,6 +171,9 @@ def train_draft_student(
         raise ValueError(f"{n} pairs: need more than val_count + batch_size = {val_count + batch_size}")
     graphs = shapes_graphs(pairs["stream"], pairs["index"].tolist())
     pipe = draft_student(teacher_dir)
+    earlier_steps = 0
+    if init_from is not None:
+        earlier_steps = _continue_from(pipe, init_from, draft_steps)
     for module in (pipe.text_encoder, pipe.graph_encoder, pipe.conditioner):
         module.requires_grad_(False).eval()
     unet = pipe.unet.train()
@@ -219,10 +225,25 @@ def train_draft_student(
              "draft_steps": draft_steps}
     (out / DRAFT_FILE).write_text(json.dumps(draft, indent=2) + "\n")
     summary = {**draft, "pairs": n, "held_out": val_count, "train_steps": train_steps, "batch_size": batch_size,
-               "lr": lr, "best_step": best[1], "best_val_mse": best[0], "history": history,
+               "lr": lr, "init_from": str(init_from) if init_from is not None else None,
+               "total_train_steps": earlier_steps + train_steps, "best_step": best[1], "best_val_mse": best[0], "history": history,
                "seconds": round(time.perf_counter() - started, 1)}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _continue_from(pipe: SceneGraphDiffusionPipeline, student_dir: str | Path, draft_steps: int) -> int:
+    """Load an earlier student's UNet into ``pipe``; returns the optimizer steps it had already had."""
+    from diffusers import UNet2DConditionModel
+
+    config = read_draft_config(student_dir)
+    if config is None or config["draft_steps"] != draft_steps:
+        raise ValueError(f"{student_dir}: not a {draft_steps}-step draft student (draft.json: {config})")
+    unet = UNet2DConditionModel.from_pretrained(str(Path(student_dir) / "unet"), use_safetensors=True)
+    pipe.unet.load_state_dict(unet.state_dict())
+    summary = Path(student_dir) / "training_summary.json"
+    earlier = json.loads(summary.read_text()) if summary.exists() else {}
+    return int(earlier.get("total_train_steps", earlier.get("train_steps", 0)))
 
 
 def read_draft_config(model_dir: str | Path) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,16 @@ def test_cli_makes_pairs_in_processes_then_trains_the_student_and_the_draft_segm
         distill_main(args + ["--val-count", "40"])
     # --skip-pairs trains on what is there; an empty folder is a clear error
     assert distill_main(args + ["--skip-pairs", "--output", str(tmp_path / "again")]) == 0
+    # --init-student continues an earlier student: it starts at that student's held-out loss
+    more = tmp_path / "more"
+    assert distill_main(args + ["--skip-pairs", "--init-student", str(out), "--output", str(more)]) == 0
+    first, second = (json.loads((d / "training_summary.json").read_text()) for d in (out, more))
+    assert second["history"][0]["val_mse"] == pytest.approx(first["best_val_mse"], rel=1e-4)
+    assert second["history"][0]["val_mse"] != pytest.approx(first["history"][0]["val_mse"], rel=1e-4)
+    assert (second["init_from"], second["total_train_steps"]) == (str(out), 8)
+    with pytest.raises(ValueError, match="not a 3-step draft student"):
+        distill_main(args + ["--skip-pairs", "--init-student", str(out), "--draft-steps", "3",
+                             "--output", str(tmp_path / "wrong")])
     with pytest.raises(ConfigError, match="--pairs-dir = .*empty': has no pair shards"):
         distill_main(args + ["--skip-pairs", "--pairs-dir", str(Path(tmp_path / "empty"))])
 

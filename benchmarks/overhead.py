@@ -17,7 +17,9 @@ Throughput, steady state (model load, Ray and actor start-up excluded):
   batch, each image PNG-encoded with the generator's own ``encode_png`` (PNG encoding is in both the
   loop and the job, whose generator encodes; the bare loop writes nothing). Steady images/s = images
   after the first batch / seconds from the end of the first batch to the end of the last. The
-  pipe-only rate (no PNG) is printed too.
+  pipe-only rate (no PNG) is printed too. The loop runs twice, before and after the job runs, and
+  the ratios use the mean of the two: on this machine the same loop drifts by up to 30% from one
+  minute to the next, and a single measurement before the jobs made the ratio swing with it.
 * job: ``jobs.generate.run(GenerateConfig(...))`` in this process on a local ``ray.init(num_cpus=N)``
   started once beforehand (plus one discarded warm-up run), ``--workers 1`` (or ``--workers``,
   ``--threads-per-worker``, ``--cpus-per-worker`` as given), ``report=False``, PNG
@@ -278,6 +280,15 @@ def bare_loop(model: str, graphs, batch_size: int, steps: int, guidance: float, 
     })
 
 
+def mean_of(before: Measured, after: Measured) -> Measured:
+    """The bare loop measured before and after the jobs, averaged (rates and seconds alike)."""
+    extra = {**before.extra, **{k: statistics.fmean((before.extra[k], after.extra[k]))
+                                for k in ("load_seconds", "pipe_only_rate", "png_share", "pipe_seconds_per_image",
+                                          "foreign")}}
+    return Measured(rate=statistics.fmean((before.rate, after.rate)), fixed=statistics.fmean((before.fixed, after.fixed)),
+                    wall=statistics.fmean((before.wall, after.wall)), extra=extra)
+
+
 def bare_processes(args, graphs, processes: int) -> Measured:
     """The job's CPU layout without Ray: ``processes`` bare loops side by side, each on every Nth graph.
 
@@ -385,7 +396,7 @@ def throughput(args, scratch: Path, cpus: int) -> bool:
     graphs = read_graphs(large_dir)
 
     print(f"bare loop: {len(graphs)} graphs ...", flush=True)
-    bare = bare_loop(args.model, graphs, args.batch_size, args.steps, args.guidance)
+    bare_before = bare_loop(args.model, graphs, args.batch_size, args.steps, args.guidance)
     processes = int(args.workers.split(",")[-1])
     same_layout = None
     if processes > 1 or args.threads_per_worker:
@@ -407,6 +418,9 @@ def throughput(args, scratch: Path, cpus: int) -> bool:
                                        segmenter)
     finally:
         ray.shutdown()
+    print(f"bare loop again: {len(graphs)} graphs ...", flush=True)
+    bare_after = bare_loop(args.model, graphs, args.batch_size, args.steps, args.guidance)
+    bare = mean_of(bare_before, bare_after)
 
     print(f"\nthroughput: {args.model}, {len(graphs)} rows in {shards} shards of {args.rows_per_shard}, batch "
           f"{args.batch_size}, {args.steps} steps, guidance {args.guidance}, {cpus} CPUs, --workers {args.workers}"
@@ -416,8 +430,9 @@ def throughput(args, scratch: Path, cpus: int) -> bool:
           f"images / (wall of the {args.rows}-row run - wall of the {small_rows}-row run), Ray started beforehand")
     print(f"{'run':18} {'images':>6} {'images/s':>9} {'vs bare':>8} {'fixed s':>8} {'wall s':>7} {'summary img/s':>14} "
           f"{'gen s/img':>10} {'sink calls':>11}")
-    print(f"{'bare loop':18} {bare.extra['images']:>6} {bare.rate:>9.3f} {1.0:>8.2f} {bare.fixed:>8.1f} {bare.wall:>7.1f} "
-          f"{'-':>14} {bare.extra['pipe_seconds_per_image']:>10.3f} {'-':>11}")
+    for label, m in (("bare loop, before", bare_before), ("bare loop, after", bare_after), ("bare loop, mean", bare)):
+        print(f"{label:18} {m.extra['images']:>6} {m.rate:>9.3f} {m.rate / bare.rate:>8.2f} {m.fixed:>8.1f} "
+              f"{m.wall:>7.1f} {'-':>14} {m.extra['pipe_seconds_per_image']:>10.3f} {'-':>11}")
     if same_layout is not None:
         label = f"bare {processes}x{same_layout.extra['threads']} proc."
         print(f"{label:18} {same_layout.extra['images']:>6} {same_layout.rate:>9.3f} {same_layout.rate / bare.rate:>8.2f} "

@@ -1,13 +1,18 @@
 """How well does a cheap draft predict the final image's recall? (Issue 6: draft SBPC's recall target.)
 
-    python benchmarks/sbpc_drafts.py [--count 32] [--candidates 8] [--final-steps 25] [--draft-steps 3]
-        [--prefix-steps 3 4 6] [--small-drafts 32:6 32:10 16:6 16:10] [--draft-model PATH] [--json drafts.json]
+    python benchmarks/sbpc_drafts.py [--count 32] [--start 0] [--candidates 8] [--final-steps 25] [--draft-steps 3]
+        [--prefix-steps 3 4 6] [--small-drafts 32:6 32:10 16:6 16:10] [--skip-dpm] [--draft-model PATH]
+        [--final-candidates 4] [--target-recall 1.0] [--json drafts.json]
 
 Truth: every candidate of every held-out graph (the SBPC job's index-derived seeds) rendered at
 ``--final-steps`` with the model's own scheduler and scored by the segmenter. Each draft predictor
-scores the same candidates cheaply; a graph's pick under the predictor (recall, then relation
-score, then the lowest index: the job's rule before it broke recall ties by expected recall) is looked up in the truth, so "final recall" is what
-draft SBPC with that predictor outputs and naive best-of-N is its ceiling. Predictors:
+scores the same candidates cheaply; a graph's pick under the predictor (the job's draft rank:
+recall, then expected recall, relation score, the lowest index) is looked up in the truth, so
+"final recall" is what draft SBPC with that predictor outputs and naive best-of-N is its ceiling.
+The job's ``--final-candidates M --target-recall R`` rule (render the best drafts' seeds in full,
+in rank order, until a final image reaches R, at most M) is run on the same tables through
+``run_sbpc`` itself: its recall against naive's and its full renders per graph, with standard
+errors over graphs (on 100 graphs they are about ±0.005 and ±0.1). Predictors:
 
 - ``ddim S``: the job's draft, S steps of the model's DDIM from the same noise;
 - ``dpm S`` / ``dpm S thr``: DPM-Solver++ (2M) with S steps, plain and with x0 thresholded to
@@ -49,7 +54,16 @@ from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER  # noqa: E402
 from sgmodel.graph import SceneGraph  # noqa: E402
 from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
 from sgmodel.recall import RecallResult, SegmentationScorer  # noqa: E402
-from sgmodel.sbpc import Candidate, candidate_seed, pick_winner, pipeline_generate_fn  # noqa: E402
+from sgmodel.sbpc import (  # noqa: E402
+    Candidate,
+    SBPCConfig,
+    SBPCResult,
+    candidate_seed,
+    pick_winner,
+    pipeline_generate_fn,
+    rank_drafts,
+    run_sbpc,
+)
 
 Render = Callable[[list[SceneGraph], list[int]], list[np.ndarray]]
 
@@ -131,15 +145,45 @@ def score_all(render: Render, scorer: SegmentationScorer, graphs: list[SceneGrap
 
 
 def picks(results: list[list[RecallResult]]) -> list[int]:
+    """Naive's winner per graph (the selection rule on final images)."""
     return [pick_winner([Candidate(i, 0, r) for i, r in enumerate(per)]).index for per in results]
+
+
+def draft_picks(results: list[list[RecallResult]]) -> list[int]:
+    """The best draft per graph by the job's draft rank (recall, then expected recall, ...)."""
+    return [rank_drafts([Candidate(i, 0, r) for i, r in enumerate(per)])[0].index for per in results]
+
+
+def finals_rule(graphs: list[SceneGraph], truth: list[list[RecallResult]], drafts: list[list[RecallResult]],
+                config: SBPCConfig) -> list[SBPCResult]:
+    """The job's own ``run_sbpc`` in draft mode with ``final_candidates`` > 1, on already-scored images:
+    its generate callables hand out (graph, candidate) tokens and its score callables look them up
+    in ``drafts`` and ``truth``, so the rule decides exactly as in the job without rendering again."""
+    where = {(g.id, candidate_seed(g, config.base_seed, i)): (k, i)
+             for k, g in enumerate(graphs) for i in range(config.candidates)}
+
+    def generate(batch, seeds, *_):
+        return [where[(g.id, s)] for g, s in zip(batch, seeds)]
+
+    def lookup(table):
+        return lambda tokens, _graphs: [table[k][i] for k, i in tokens]
+
+    return run_sbpc(graphs, config, generate, lookup(truth), generate_draft=generate, score_draft=lookup(drafts))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=32, help="held-out shapes graphs")
+    parser.add_argument("--start", type=int, default=0,
+                        help="first held-out graph (benchmarks/sbpc.py uses 0 … --count - 1; start past them to "
+                             "measure on graphs it never sees)")
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--final-steps", type=int, default=JOB_STEPS)
     parser.add_argument("--draft-steps", type=int, default=3)
+    parser.add_argument("--skip-dpm", action="store_true", help="leave out the two DPM-Solver++ predictors")
+    parser.add_argument("--final-candidates", type=int, default=4,
+                        help="M of the job's --final-candidates rule, simulated for every predictor")
+    parser.add_argument("--target-recall", type=float, default=1.0, help="the rule's stop")
     parser.add_argument("--prefix-steps", type=int, nargs="*", default=[3, 4, 6])
     parser.add_argument("--small-drafts", nargs="*", default=["32:6", "32:10", "16:6", "16:10"], metavar="PX:STEPS",
                         help="DDIM drafts of STEPS steps at PX pixels (below the model's size: the job's --draft-size, "
@@ -160,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = SceneGraphDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     scorer = SegmentationScorer.from_pretrained(args.segmenter, batch_size=args.chunk)
-    graphs = held_out_graphs(args.count, HELD_OUT_SEED, pipe.default_size)
+    graphs = held_out_graphs(args.start + args.count, HELD_OUT_SEED, pipe.default_size)[args.start:]
     n, f, s = args.candidates, args.final_steps, args.draft_steps
     base = pipe.scheduler.config
 
@@ -169,10 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
     naive = picks(truth)
     predictors: list[tuple[str, float, int, Render]] = [  # name, evals per candidate, evals shared with the final
         (f"ddim {s}", s, 0, scheduler_render(pipe, pipe.scheduler, s, args.guidance)),
-        (f"dpm {s}", s, 0, scheduler_render(pipe, DPMSolverMultistepScheduler.from_config(base), s, args.guidance)),
-        (f"dpm {s} thr", s, 0, scheduler_render(
-            pipe, DPMSolverMultistepScheduler.from_config(base, thresholding=True, sample_max_value=1.0), s,
-            args.guidance)),
+        *([] if args.skip_dpm else [
+            (f"dpm {s}", s, 0, scheduler_render(pipe, DPMSolverMultistepScheduler.from_config(base), s,
+                                                args.guidance)),
+            (f"dpm {s} thr", s, 0, scheduler_render(
+                pipe, DPMSolverMultistepScheduler.from_config(base, thresholding=True, sample_max_value=1.0), s,
+                args.guidance))]),
         *((f"prefix {m}", m, m, prefix_render(pipe, f, m, args.guidance)) for m in args.prefix_steps),
         *((f"ddim {st} @ {px} px", int(st), 0, scheduler_render(pipe, pipe.scheduler, int(st), args.guidance, int(px)))
           for px, st in (d.split(":") for d in args.small_drafts)),
@@ -184,6 +230,25 @@ def main(argv: list[str] | None = None) -> dict:
         """Mean final-step recall of each graph's chosen candidate: what draft SBPC would output."""
         return statistics.fmean(truth[g][i].recall for g, i in enumerate(chosen))
 
+    rule = SBPCConfig(candidates=n, final_steps=f, height=pipe.default_size, width=pipe.default_size,
+                      draft_steps=s, final_candidates=args.final_candidates, target_recall=args.target_recall,
+                      base_seed=args.seed)
+    best = [truth[g][i].recall for g, i in enumerate(naive)]
+
+    def rule_figures(drafts: list[list[RecallResult]], draft_seconds: float, shared: int) -> dict:
+        """The ≤M-finals rule ordered by these drafts: recall and full renders per graph with standard
+        errors over graphs, and its time speed-up (each final render costs a naive candidate's share of
+        the truth's seconds, minus any steps it shares with its draft)."""
+        results = finals_rule(graphs, truth, drafts, rule)
+        gaps = np.array([r.final.result.recall - b for r, b in zip(results, best)])
+        renders = np.array([len(r.finals) for r in results], dtype=float)
+        final_seconds = renders.sum() * truth_seconds / (n * len(graphs)) * (f - shared) / f
+        return {"rule_recall": statistics.fmean(r.final.result.recall for r in results),
+                "rule_gap": float(gaps.mean()), "rule_gap_se": float(gaps.std(ddof=1) / np.sqrt(len(gaps))),
+                "rule_renders": float(renders.mean()),
+                "rule_renders_se": float(renders.std(ddof=1) / np.sqrt(len(renders))),
+                "rule_time_speedup": truth_seconds / (draft_seconds + final_seconds)}
+
     rows = [{"predictor": f"naive (truth, {f} steps)", "evals": f, "step_speedup": 1.0, "time_speedup": 1.0,
              "final_recall": final_of(naive),
              "same_winner": len(graphs), "corr": 1.0, "seconds": truth_seconds}]
@@ -193,23 +258,33 @@ def main(argv: list[str] | None = None) -> dict:
     flat_truth = [r.recall for per in truth for r in per]
     for name, evals, shared, render in predictors:
         drafts, seconds = score_all(render, scorer, graphs, n, args.seed, args.chunk)
-        chosen = picks(drafts)
+        chosen = draft_picks(drafts)
         flat = [r.recall for per in drafts for r in per]
         corr = float(np.corrcoef(flat, flat_truth)[0, 1]) if np.std(flat) and np.std(flat_truth) else None
         final_seconds = truth_seconds / n * (f - shared) / f  # the winner's render, minus any shared steps
         rows.append({"predictor": name, "evals": evals, "step_speedup": n * f / (n * evals + f - shared),
                      "time_speedup": truth_seconds / (seconds + final_seconds),
                      "final_recall": final_of(chosen), "same_winner": sum(a == b for a, b in zip(chosen, naive)),
-                     "corr": corr, "seconds": seconds})
+                     "corr": corr, "seconds": seconds, **rule_figures(drafts, seconds, shared)})
         print(f"  {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
 
+    m = args.final_candidates
     header = ["predictor", "evals / cand.", "step speed-up", "time speed-up", "final recall", "same winner as naive",
-              "corr. with final"]
+              "corr. with final", f"≤{m} finals: recall - naive", "full renders / graph", "time speed-up"]
+
+    def rule_cells(r: dict) -> list[str]:
+        if "rule_gap" not in r:
+            return ["–"] * 3
+        return [f"{r['rule_gap']:+.4f} ± {r['rule_gap_se']:.4f}", f"{r['rule_renders']:.2f} ± {r['rule_renders_se']:.2f}",
+                f"{r['rule_time_speedup']:.2f}x"]
+
     cells = [[r["predictor"], f"{r['evals']:g}", f"{r['step_speedup']:.2f}x",
               f"{r['time_speedup']:.2f}x", fmt(r["final_recall"]),
-              f"{r['same_winner']}/{len(graphs)}", fmt(r["corr"])] for r in rows]
-    print(f"\nDraft predictors on {len(graphs)} held-out shapes graphs x {n} candidates, demo model, {f} final steps, "
-          f"guidance {args.guidance}")
+              f"{r['same_winner']}/{len(graphs)}", fmt(r["corr"]), *rule_cells(r)] for r in rows]
+    print(f"\nDraft predictors on {len(graphs)} held-out shapes graphs ({args.start} … {args.start + len(graphs) - 1}) "
+          f"x {n} candidates, demo model, {f} final steps, guidance {args.guidance}; ≤{m} finals: the job's "
+          f"--final-candidates {m} --target-recall {args.target_recall:g} ordered by each predictor's drafts "
+          "(± standard error over graphs)")
     print(text_table(header, cells))
     figures = {"count": len(graphs), "candidates": n, "final_steps": f, "guidance": args.guidance, "rows": rows}
     if args.json:

@@ -12,7 +12,7 @@ recall, then expected recall, relation score, the lowest index) is looked up in 
 The job's ``--final-candidates M --target-recall R`` rule (render the best drafts' seeds in full,
 in rank order, until a final image reaches R, at most M) is run on the same tables through
 ``run_sbpc`` itself: its recall against naive's and its full renders per graph, with standard
-errors over graphs (on 100 graphs they are about ±0.005 and ±0.1). Predictors:
+errors over graphs (on 256 graphs about ±0.005 and ±0.08). Predictors:
 
 - ``ddim S``: the job's draft, S steps of the model's DDIM from the same noise;
 - ``dpm S`` / ``dpm S thr``: DPM-Solver++ (2M) with S steps, plain and with x0 thresholded to

@@ -4,6 +4,8 @@
     python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft   # distilled drafts
     python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft \
         --final-candidates 4 --target-recall 1.0       # full renders of the best drafts until one is complete
+    python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft \
+        --final-candidates 8 --target-recall 1.0 --final-strength 0.5   # finals finished from their drafts
     ray job submit --working-dir . -- python -m jobs.sbpc --input s3://… --output s3://… --candidates 10
 
 Every flag of the generate job applies. Ray Data streams read -> validate -> SBPC generator actors
@@ -70,6 +72,10 @@ class SBPCJobConfig(GenerateConfig):
     """Draft mode: render up to this many of the best drafts' seeds in full, best first, and keep the best
     final image; with --target-recall, a graph stops at the first final image that reaches it (and
     draws all its drafts)."""
+    final_strength: float | None = None
+    """Draft mode: finish each final image from its draft instead of rendering it from noise
+    (image-to-image: the draft noised with the seed's own noise, then the last S x --final-steps
+    steps); a final then costs S of a full render."""
     keep_candidates: bool = False
     """Also write every candidate's image (candidates/images/)."""
 
@@ -103,6 +109,11 @@ class SBPCJobConfig(GenerateConfig):
                 f"must be in 1 … --candidates ({self.candidates})")
         require(self.final_candidates == 1 or self.draft_steps is not None or self.draft_model is not None,
                 "final_candidates", self.final_candidates, "needs draft mode (--draft-model or --draft-steps)")
+        require(self.final_strength is None or self.draft_steps is not None or self.draft_model is not None,
+                "final_strength", self.final_strength, "needs draft mode (--draft-model or --draft-steps)")
+        require(self.final_strength is None
+                or (0 < self.final_strength <= 1 and int((self.final_steps or self.steps) * self.final_strength) >= 1),
+                "final_strength", self.final_strength, "must be in (0, 1] and run at least one final step")
 
     def resolved(self) -> SBPCJobConfig:
         out = super().resolved()
@@ -116,6 +127,7 @@ class SBPCJobConfig(GenerateConfig):
             "candidates": self.candidates, "final_steps": self.final_steps or self.steps,
             "draft_steps": self.draft_steps, "draft_size": self.draft_size, "target_recall": self.target_recall,
             "round_size": self.round_size, "final_candidates": self.final_candidates,
+            "final_strength": self.final_strength,
         }
 
 

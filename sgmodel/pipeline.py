@@ -171,6 +171,30 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         noise = self.initial_noise(seeds, height, width)
         return noise.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> latents [B, C, h, w]: the inverse of ``decode`` (the VAE's mode)."""
+        pixels = images.to(self._execution_device, torch.float32) * 2 - 1
+        if self.vae is None:
+            return pixels.to(self.unet.dtype)
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return (dist.mode() * self.vae.config.scaling_factor).to(self.unet.dtype)
+
+    def start_images(self, image: Any, count: int, height: int, width: int) -> torch.Tensor:
+        """``image`` (uint8 arrays [H, W, 3], a float array [B, H, W, 3] or a tensor [B, 3, H, W] in [0, 1])
+        as a float tensor [B, 3, height, width] in [0, 1]; other sizes are resized (bilinear)."""
+        if isinstance(image, torch.Tensor):
+            out = image.float()
+        else:
+            arrays = [np.asarray(a) for a in image]
+            out = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+            if arrays and arrays[0].dtype == np.uint8:
+                out = out / 255.0
+        if out.ndim != 4 or out.shape[0] != count or out.shape[1] != 3:
+            raise ValueError(f"`image` must hold one RGB image per output image ({count}), got shape {tuple(out.shape)}")
+        if tuple(out.shape[-2:]) != (height, width):
+            out = torch.nn.functional.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+        return out.clamp(0, 1)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> images in [0, 1], [B, 3, H, W] float32."""
         if self.vae is not None:
@@ -202,7 +226,14 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
+        image: Any = None,
+        strength: float = 1.0,
     ) -> SceneGraphPipelineOutput | tuple:
+        """``image`` + ``strength`` (image-to-image, as diffusers' img2img): start from ``image``, one per
+        output image, noised with each seed's own noise to the ``strength`` fraction of the schedule,
+        and run only the last ``int(num_inference_steps * strength)`` steps. The seed's own noise keeps
+        the start on the path the sampler would take from that seed, so an image that predicts the
+        seed's final image (a draft) is finished into it (SBPC's draft-guided finals)."""
         # 0. Defaults and validation.
         height = height or self.default_size
         width = width or self.default_size
@@ -210,6 +241,13 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
             graphs, num_inference_steps, guidance_scale, height, width, seeds, num_images_per_graph, output_type
         )
         seeds = [int(s) for s in seeds] if seeds is not None else self.default_seeds(graphs, num_images_per_graph)
+        if image is not None:
+            if latents is not None:
+                raise ValueError("pass `image` (image-to-image) or `latents` (initial noise), not both")
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+                raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
+            if int(num_inference_steps * strength) < 1:
+                raise ValueError(f"`strength` {strength!r} of {num_inference_steps} steps runs no step")
         device = self._execution_device
         dtype = self.unet.dtype
         do_cfg = guidance_scale > 1.0
@@ -225,7 +263,16 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
 
         # 2. Timesteps and initial noise (one generator per image).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        if latents is None:
+        timesteps = self.scheduler.timesteps
+        if image is not None:  # diffusers' img2img schedule: skip the first (1 - strength) of the steps
+            begin = (num_inference_steps - int(num_inference_steps * strength)) * self.scheduler.order
+            timesteps = timesteps[begin:]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(begin)
+            start = self.encode_images(self.start_images(image, len(seeds), height, width))
+            noise = self.initial_noise(seeds, height, width).to(device=device, dtype=dtype)
+            latents = self.scheduler.add_noise(start, noise, timesteps[:1].repeat(len(seeds)))
+        elif latents is None:
             latents = self.prepare_latents(seeds, height, width, dtype, device)
         else:  # caller-made noise (e.g. SBPC drafts: the full-size noise, pooled) [B, C, h, w]
             expected = (len(seeds), self.unet.config.in_channels, height // self.vae_scale_factor,
@@ -236,7 +283,7 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         generators = [torch.Generator("cpu").manual_seed(int(s) ^ 0x5DEECE66D) for s in seeds]
 
         # 3. Denoise: cond and uncond go through the UNet in one batched forward.
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for t in self.progress_bar(timesteps):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             noise_pred = self.unet(model_input, t, **unet_kwargs).sample

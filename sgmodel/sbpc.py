@@ -11,7 +11,11 @@ Three ways to spend the candidates:
   blurry draft shows too faintly for the argmax), then relation score and index. With
   ``final_candidates`` M > 1 the M best drafts' seeds are rendered in that order, in rounds, until
   a final image reaches the target recall, and the best final image (by the selection rule) wins:
-  the drafts only decide the order, final images decide the winner. The drafts can come from a distilled
+  the drafts only decide the order, final images decide the winner. With ``final_strength`` S a final
+  image is not rendered from noise but finished from its draft (image-to-image: the draft noised
+  with the seed's own noise to the last S of the schedule, then only those steps), as FG-DM renders
+  its image from the chosen segmentation: a final costs S of a full render and keeps the draft's
+  layout, so the drafts' rank matters less and more of them can be finished. The drafts can come from a distilled
   draft model instead (``generate_draft``; :mod:`sgmodel.draft_distill`), trained so that a seed's
   draft looks like that seed's full render, and be scored by a segmenter trained to read drafts as
   their final images (``score_draft``; :mod:`sgmodel.draft_segmenter`).
@@ -38,8 +42,9 @@ import torch.nn.functional as F
 from sgmodel.graph import SceneGraph, derive_seed
 from sgmodel.recall import RecallResult
 
-GenerateFn = Callable[[list[SceneGraph], list[int], int, int, int], list[np.ndarray]]
-"""(graphs, seeds, steps, height, width) -> images as uint8 arrays [H, W, 3], one per (graph, seed)."""
+GenerateFn = Callable[..., list[np.ndarray]]
+"""(graphs, seeds, steps, height, width) -> images as uint8 arrays [H, W, 3], one per (graph, seed).
+Draft-guided finals also pass ``start=`` (one draft image per seed) and ``strength=`` (image-to-image)."""
 ScoreFn = Callable[[list[np.ndarray], list[SceneGraph]], list[RecallResult]]
 """(images, graphs) -> one RecallResult per image."""
 
@@ -62,6 +67,9 @@ class SBPCConfig:
     """Candidates per graph per round in adaptive mode."""
     final_candidates: int = 1
     """Draft mode: the most drafts rendered at full quality, best first (M)."""
+    final_strength: float | None = None
+    """Draft mode: finish each final image from its draft (image-to-image at this strength: the last
+    ``int(final_steps * S)`` steps) instead of rendering it from noise."""
     base_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +91,12 @@ class SBPCConfig:
                              f"got {self.final_candidates!r}")
         if self.final_candidates > 1 and self.draft_steps is None:
             raise ValueError("final_candidates > 1 needs draft mode (draft_steps): naive candidates are final already")
+        if self.final_strength is not None:
+            if self.draft_steps is None:
+                raise ValueError("final_strength needs draft mode (draft_steps): finals are finished from drafts")
+            if not 0 < self.final_strength <= 1 or int(self.final_steps * self.final_strength) < 1:
+                raise ValueError(f"final_strength must be in (0, 1] and run at least one of the {self.final_steps} "
+                                 f"final steps, got {self.final_strength!r}")
 
     @property
     def mode(self) -> str:
@@ -204,7 +218,8 @@ def run_sbpc(
         # 2. Score them all at once.
         results = (score_draft or score)(images, batch_graphs)
         for (g, i), seed, image, result in zip(jobs, seeds, images, results):
-            pools[g].append(Candidate(i, seed, result, image if keep_images or config.draft_steps is None else None))
+            kept = keep_images or config.draft_steps is None or config.final_strength is not None
+            pools[g].append(Candidate(i, seed, result, image if kept else None))
         # 3. Adaptive stop; otherwise everyone has drawn N.
         still = []
         for g in active:
@@ -236,8 +251,10 @@ def _render_finals(graphs: list[SceneGraph], pools: list[list[Candidate]], confi
     active = list(range(len(graphs)))
     while active:
         drafts = [ranked[g][len(rendered[g])] for g in active]
+        guided = {} if config.final_strength is None else {"start": [d.image for d in drafts],
+                                                            "strength": config.final_strength}
         images = generate([graphs[g] for g in active], [d.seed for d in drafts], config.final_steps,
-                          config.height, config.width)
+                          config.height, config.width, **guided)
         results = score(images, [graphs[g] for g in active])
         still = []
         for g, d, image, result in zip(active, drafts, images, results):
@@ -267,15 +284,17 @@ def table3_statistics(recalls_per_graph: Sequence[Sequence[float]]) -> dict[str,
 
 
 def pipeline_generate_fn(pipe, guidance_scale: float) -> GenerateFn:
-    """A GenerateFn over a SceneGraphDiffusionPipeline; drafts smaller than the model's size pool its full noise."""
+    """A GenerateFn over a SceneGraphDiffusionPipeline; drafts smaller than the model's size pool its full noise;
+    ``start`` images (drafts, resized to the asked size) are finished image-to-image at ``strength``."""
     full_h = full_w = pipe.default_size
 
-    def generate(graphs: list[SceneGraph], seeds: list[int], steps: int, height: int, width: int) -> list[np.ndarray]:
+    def generate(graphs: list[SceneGraph], seeds: list[int], steps: int, height: int, width: int,
+                 start: list[np.ndarray] | None = None, strength: float = 1.0) -> list[np.ndarray]:
         latents = None
-        if (height, width) != (full_h, full_w) and height < full_h:
+        if start is None and (height, width) != (full_h, full_w) and height < full_h:
             latents = draft_noise(pipe.initial_noise(seeds, full_h, full_w), (height, width))
         images = pipe(graphs, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                      seeds=seeds, output_type="np", latents=latents).images
+                      seeds=seeds, output_type="np", latents=latents, image=start, strength=strength).images
         return [(im * 255).round().clip(0, 255).astype(np.uint8) for im in images]
 
     return generate

@@ -79,6 +79,36 @@ def test_draft_sbpc_candidates_winners_and_statistics(local_ray, tiny_model_dir,
     assert html.count('class="cand"') == 10
 
 
+def test_draft_guided_finals_are_finished_from_the_winning_draft(local_ray, tiny_model_dir, segmenter_dir, inputs,
+                                                                 tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from jobs.config import ConfigError
+    from sgmodel.pipeline import SceneGraphDiffusionPipeline
+    from workers.validate import graph_from_json
+
+    summary, code = run(config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "g", candidates=3, draft_steps=2,
+                               final_strength=0.5, keep_candidates=True))
+    assert code == 0 and summary["images"] == 5 and summary["sbpc"]["final_strength"] == 0.5
+    run_dir = tmp_path / "g"
+    pipe = SceneGraphDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    cands = read(run_dir, "candidates")
+    for row in read(run_dir, "metadata"):
+        winner = next(c for c in cands if c["id"] == row["id"] and c["won"])
+        draft = np.asarray(Image.open(run_dir / winner["image_key"]).convert("RGB"))
+        # the kept image: the model's 4-step schedule from step 2 on, started from the winning draft
+        expected = pipe([graph_from_json(row["graph"])], num_inference_steps=4, seeds=[row["seed"]], image=[draft],
+                        strength=0.5, output_type="np").images[0]
+        got = np.asarray(Image.open(run_dir / row["image_key"])).astype(np.int16)
+        assert np.abs(got - np.round(expected * 255).astype(np.int16)).max() <= 1
+    with pytest.raises(ConfigError, match="--final-strength"):
+        config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "x", candidates=3, final_strength=0.5)
+    with pytest.raises(ConfigError, match="--final-strength"):
+        config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "x", candidates=3, draft_steps=2, final_strength=0.1)
+
+
 def test_adaptive_naive_sbpc_stops_early_and_is_deterministic(local_ray, tiny_model_dir, segmenter_dir, inputs, tmp_path):
     # A target of 0 is reached by the first candidate: exactly one candidate per graph.
     summary, code = run(config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "a", candidates=4, target_recall=0.0))

@@ -200,3 +200,54 @@ def test_gated_sd_pipeline_matches_plain_unet_before_training(tiny_sd_folder):
         expected = plain(x, 5, encoder_hidden_states=cond.context, encoder_attention_mask=cond.mask).sample
         got = pipe.unet(x, 5, **cond.unet_kwargs()).sample
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def count_unet_calls(pipe) -> list[int]:
+    calls: list[int] = []
+    original = pipe.unet.forward
+    pipe.unet.forward = lambda x, *a, **k: calls.append(x.shape[0]) or original(x, *a, **k)
+    return calls
+
+
+def test_image_to_image_runs_the_last_strength_steps_from_the_start_image(tiny_pipe, graphs):
+    seeds = [7, 8, 9]
+    start = run(tiny_pipe, graphs, seeds=[1, 2, 3], steps=2)  # any images, float [0, 1]
+    calls = count_unet_calls(tiny_pipe)
+    out = run(tiny_pipe, graphs, seeds, steps=10, image=start, strength=0.5)
+    assert len(calls) == 5  # int(10 * 0.5) of the 10 steps
+    assert out.shape == start.shape and np.isfinite(out).all()
+    np.testing.assert_array_equal(out, run(tiny_pipe, graphs, seeds, steps=10, image=start, strength=0.5))
+    alone = run(tiny_pipe, [graphs[1]], [8], steps=10, image=start[1:2], strength=0.5)
+    np.testing.assert_allclose(out[1], alone[0], atol=1e-5)  # batch-independent, like generation from noise
+    # uint8 images are read as /255; other sizes are resized to the output size
+    uint8 = [(im * 255).round().astype(np.uint8) for im in start]
+    np.testing.assert_allclose(run(tiny_pipe, graphs, seeds, steps=10, image=uint8, strength=0.5), out, atol=2e-2)
+    small = torch.from_numpy(start).permute(0, 3, 1, 2)[..., ::2, ::2]
+    assert run(tiny_pipe, graphs, seeds, steps=10, image=small, strength=0.5).shape == start.shape
+    # the less of the schedule runs, the closer the output stays to the start image
+    far = np.abs(run(tiny_pipe, graphs, seeds, steps=10, image=start, strength=1.0) - start).mean()
+    near = np.abs(run(tiny_pipe, graphs, seeds, steps=10, image=start, strength=0.1) - start).mean()
+    assert near < far
+
+
+def test_image_to_image_encodes_through_the_vae(tiny_sd_folder, graphs):
+    sd = SceneGraphDiffusionPipeline.from_stable_diffusion(str(tiny_sd_folder), graph_dim=16, hidden_dim=16)
+    sd.set_progress_bar_config(disable=True)
+    start = np.random.default_rng(0).random((3, 16, 16, 3), dtype=np.float32)
+    latents = sd.encode_images(torch.from_numpy(start).permute(0, 3, 1, 2))
+    assert latents.shape == (3, 4, 16 // sd.vae_scale_factor, 16 // sd.vae_scale_factor)
+    out = run(sd, graphs, [1, 2, 3], steps=4, height=16, width=16, image=start, strength=0.5)
+    assert out.shape == (3, 16, 16, 3) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "quoted"),
+    [({"strength": 0.0}, "got 0.0"), ({"strength": 1.5}, "got 1.5"), ({"strength": 0.05}, "runs no step"),
+     ({"image": np.zeros((1, 16, 16, 3), np.float32)}, "one RGB image per output image (2)"),
+     ({"latents": torch.zeros(2, 3, 16, 16)}, "not both")],
+)
+def test_image_to_image_arguments_are_checked(tiny_pipe, graphs, kwargs, quoted):
+    args = {"image": np.zeros((2, 16, 16, 3), np.float32), "strength": 0.5} | kwargs
+    with pytest.raises(ValueError) as err:
+        run(tiny_pipe, graphs[:2], [1, 2], steps=10, **args)
+    assert quoted in str(err.value)

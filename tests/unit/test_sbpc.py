@@ -186,6 +186,32 @@ def test_final_candidates_render_the_best_drafts_in_rounds_and_keep_the_best_fin
         SBPCConfig(candidates=4, final_steps=20, draft_steps=2, height=16, width=16, final_candidates=5)
 
 
+def test_draft_guided_finals_start_from_the_drafts_of_the_seeds_they_render():
+    draft = {(g.id, i): v for g in G for i, v in enumerate([0.5, 0.5, 0.5, 0.5])}  # ranked 3, 2, 1, 0
+    final = {(g.id, i): v for g in G for i, v in enumerate([0.1, 1.0, 0.2, 0.3])}
+    s = Finals(draft, final)
+    starts = []
+
+    def generate(graphs, seeds, steps, height, width, start=None, strength=1.0):
+        starts.append((start, strength))
+        images = s.generate(graphs, seeds, steps, height, width)
+        # a draft's image carries its candidate index, so the start images name the drafts they came from
+        return images if start is not None else [im + s.seed_index(g, seed) for im, g, seed in zip(images, graphs, seeds)]
+
+    cfg = SBPCConfig(candidates=4, final_steps=20, draft_steps=2, height=16, width=16, final_candidates=4,
+                     target_recall=1.0, final_strength=0.4)
+    out = run_sbpc(G, cfg, generate, s.score)
+    assert [[c.index for c in r.finals] for r in out] == [[3, 2, 1]] * 3  # stops at candidate 1's 1.0
+    assert starts[0] == (None, 1.0)  # drafts come from noise
+    for (start, strength), ranked in zip(starts[1:], (3, 2, 1)):
+        assert strength == 0.4 and [int(im[0, 0, 0]) - 2 for im in start] == [ranked] * 3
+    assert all(c.image is not None for r in out for c in r.candidates)  # drafts kept: finals start from them
+    with pytest.raises(ValueError, match="needs draft mode"):
+        SBPCConfig(candidates=4, final_steps=20, height=16, width=16, final_strength=0.5)
+    with pytest.raises(ValueError, match="got 0.01"):
+        SBPCConfig(candidates=4, final_steps=20, draft_steps=2, height=16, width=16, final_strength=0.01)
+
+
 def test_adaptive_stops_each_graph_at_the_target():
     # g0 reaches 1.0 at candidate 1, g1 never, g2 at candidate 0.
     table = {"g0": [0.5, 1.0, 1.0, 1.0, 1.0], "g1": [0.1, 0.2, 0.3, 0.4, 0.5], "g2": [1.0] * 5}

@@ -1,7 +1,8 @@
 """SBPC on the shapes demo model (issue 6): N=1 vs naive best-of-N vs draft vs adaptive, side by side.
 
     python benchmarks/sbpc.py [--count 100] [--candidates 8] [--final-steps 25] [--draft-steps 3]
-        [--draft-size PX] [--draft-model PATH [--draft-segmenter PATH]] [--final-candidates 4] [--table3-steps 3 25] [--table3-count 100] [--batch-size 8]
+        [--draft-size PX] [--draft-model PATH [--draft-segmenter PATH]] [--final-candidates 4]
+        [--final-strength 0.52] [--guided-finals 8] [--table3-steps 3 25] [--table3-count 100] [--batch-size 8]
         [--markdown sbpc.md] [--json sbpc.json]
 
 One process, the demo model and segmenter, the held-out shapes graphs of
@@ -21,6 +22,10 @@ differ only in how the candidates are spent:
 - with ``--draft-model``: distilled draft (and its adaptive row): the candidates are the distilled
   draft model's own few guidance-free steps (``python -m jobs.distill_draft``; the job's
   ``--draft-model``), the winner re-rendered at full steps on the demo model;
+- with ``--draft-model``, finals from drafts: all N distilled drafts, then final images *finished from*
+  the best drafts (image-to-image at ``--final-strength``: the last ``int(S x final steps)`` steps
+  from the draft noised with its seed's own noise; the job's ``--final-strength``), best first, up
+  to ``--guided-finals`` of them, until one reaches ``--target-recall``;
 - with ``--draft-segmenter`` too: the same drafts scored by the draft segmenter (trained to read
   them as their final images; the job's ``--draft-segmenter``); final images keep the segmenter.
 
@@ -95,6 +100,11 @@ class Row:
     seconds: float = 0.0
     results: list[SBPCResult] = field(default_factory=list)
 
+    @property
+    def final_steps_each(self) -> int:
+        strength = self.config.final_strength
+        return self.config.final_steps if strength is None else int(self.config.final_steps * strength)
+
     def figures(self, count: int) -> dict:
         rel = [r.final.result.relation_score for r in self.results if r.final.result.relation_score is not None]
         return {
@@ -111,6 +121,9 @@ class Row:
             "avg_candidates_drawn": statistics.fmean(r.drawn for r in self.results),
             "avg_full_renders": statistics.fmean(len(r.finals) if self.config.draft_steps is not None else r.drawn
                                                  for r in self.results),
+            # final-quality steps per graph: a final finished from its draft runs only its share of the schedule
+            "avg_final_steps": statistics.fmean(len(r.finals) if self.config.draft_steps is not None else r.drawn
+                                                for r in self.results) * self.final_steps_each,
             "seconds": self.seconds,
             "seconds_per_graph": self.seconds / count,
         }
@@ -141,6 +154,10 @@ def build_rows(args: argparse.Namespace, height: int, width: int, distilled_step
                 SBPCConfig(candidates=n, **common, draft_steps=distilled_steps), distilled=True),
             Row(f"adaptive distilled draft (≥{args.target_recall:g}, N≤{n})",
                 SBPCConfig(candidates=n, **common, draft_steps=distilled_steps, **adaptive), distilled=True),
+            Row(f"distilled draft N={n} ({distilled_steps} steps), ≤{args.guided_finals} finals from drafts "
+                f"({int(args.final_steps * args.final_strength)} of {args.final_steps} steps, ≥{args.target_recall:g})",
+                SBPCConfig(candidates=n, **common, draft_steps=distilled_steps, final_candidates=args.guided_finals,
+                           target_recall=args.target_recall, final_strength=args.final_strength), distilled=True),
         ]),
         *([] if distilled_steps is None or not draft_scored else [
             Row(f"distilled draft + draft segmenter N={n}",
@@ -161,9 +178,9 @@ class Timed:
         self._draft_scorer = draft_scorer
         self.images = 0
 
-    def generate(self, graphs, seeds, steps, height, width) -> list[np.ndarray]:
+    def generate(self, graphs, seeds, steps, height, width, **guided) -> list[np.ndarray]:
         self.images += len(graphs)
-        return self._generate(graphs, seeds, steps, height, width)
+        return self._generate(graphs, seeds, steps, height, width, **guided)
 
     def generate_distilled(self, graphs, seeds, steps, height, width) -> list[np.ndarray]:
         self.images += len(graphs)
@@ -272,7 +289,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 MAIN_HEADER = ["", "avg recall", "avg max cand.", "avg relation", "candidates / graph", "full renders / graph",
-               "s / graph", "speed-up vs naive"]
+               "final steps / graph", "s / graph", "speed-up vs naive"]
 
 
 def main_cells(rows: list[Row], figures: dict) -> list[list[str]]:
@@ -281,7 +298,8 @@ def main_cells(rows: list[Row], figures: dict) -> list[list[str]]:
     for row in rows:
         f = figures["rows"][row.name]
         out.append([row.name, fmt(f["avg_recall"]), fmt(f["avg_max_candidate_recall"]), fmt(f["avg_relation_score"]),
-                    f"{f['avg_candidates_drawn']:.2f}", f"{f['avg_full_renders']:.2f}", f"{f['seconds_per_graph']:.2f}",
+                    f"{f['avg_candidates_drawn']:.2f}", f"{f['avg_full_renders']:.2f}", f"{f['avg_final_steps']:.1f}",
+                    f"{f['seconds_per_graph']:.2f}",
                     f"{naive / f['seconds']:.2f}x"])
     return out
 
@@ -363,6 +381,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--round-size", type=int, default=1, help="adaptive rows: candidates per graph per round")
     parser.add_argument("--final-candidates", type=int, default=4,
                         help="'≤M finals' rows: the most best-ranked drafts rendered in full (job: --final-candidates)")
+    parser.add_argument("--final-strength", type=float, default=0.52,
+                        help="'finals from drafts' row: image-to-image strength (job: --final-strength; 0.52 runs "
+                             "13 of 25 steps)")
+    parser.add_argument("--guided-finals", type=int, default=None,
+                        help="'finals from drafts' row: the most drafts finished (default: --candidates)")
     parser.add_argument("--table3-steps", type=int, nargs=2, default=None, metavar=("A", "B"),
                         help="Table 3 step counts (default: --draft-steps and --final-steps)")
     parser.add_argument("--table3-candidates", type=int, nargs="+", default=[1, 5, 10], metavar="N")
@@ -372,6 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown (README)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure as JSON")
     args = parser.parse_args(argv)
+    args.guided_finals = args.guided_finals or args.candidates
     if args.draft_segmenter and not args.draft_model:
         parser.error("--draft-segmenter needs --draft-model (it reads that model's drafts)")
     table3_steps = args.table3_steps or [args.draft_steps, args.final_steps]
@@ -413,7 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         "segmenter": args.segmenter, "final_steps": args.final_steps, "guidance": args.guidance,
         "candidates": args.candidates, "draft_steps": args.draft_steps, "draft_size": args.draft_size,
         "draft_model": args.draft_model, "draft_segmenter": args.draft_segmenter,
-        "final_candidates": args.final_candidates, "target_recall": args.target_recall, "round_size": args.round_size, "batch_size": args.batch_size,
+        "final_candidates": args.final_candidates, "target_recall": args.target_recall, "round_size": args.round_size,
+        "final_strength": args.final_strength, "guided_finals": args.guided_finals, "batch_size": args.batch_size,
         "threads": args.threads,
         "rows": {row.name: row.figures(args.count) for row in rows},
         "draft_checks": draft_checks(rows),

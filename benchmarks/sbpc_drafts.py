@@ -2,7 +2,7 @@
 
     python benchmarks/sbpc_drafts.py [--count 32] [--start 0] [--candidates 8] [--final-steps 25] [--draft-steps 3]
         [--prefix-steps 3 4 6] [--small-drafts 32:6 32:10 16:6 16:10] [--skip-dpm] [--draft-model PATH]
-        [--final-candidates 4] [--target-recall 1.0] [--json drafts.json]
+        [--final-candidates 4] [--target-recall 1.0] [--final-strength 0.52 [--guided-finals 8]] [--json drafts.json]
 
 Truth: every candidate of every held-out graph (the SBPC job's index-derived seeds) rendered at
 ``--final-steps`` with the model's own scheduler and scored by the segmenter. Each draft predictor
@@ -23,6 +23,13 @@ errors over graphs (on 256 graphs about ±0.005 and ±0.08). Predictors:
   draft steps; smaller: the full-size noise average-pooled, as the job does);
 - ``student K``: a distilled draft model (``--draft-model``, ``python -m jobs.distill_draft``): its
   own K steps from the same noise, without guidance (the job's ``--draft-model``).
+
+With ``--draft-model`` and ``--final-strength S``: finals *finished from* the student's drafts
+(the job's ``--final-strength``: image-to-image from the draft, the last ``int(S x F)`` steps).
+Every candidate's draft is finished and scored as the second truth table, and the same rule runs
+on it with up to ``--guided-finals`` finals per graph; its recall is compared with naive's
+best-of-N rendered from noise, and its time speed-up counts the student's drafts plus each
+finished final's measured seconds.
 
 Cost per graph in UNet evaluations (guidance batched; a guidance-free student evaluation counts
 half): naive N x F, draft N x S + F, prefix N x m + F - m, student N x K/2 + F; "step speed-up" = naive / that. "time speed-up" is measured: naive's seconds over
@@ -115,6 +122,22 @@ def scheduler_render(pipe: SceneGraphDiffusionPipeline, scheduler, steps: int, g
     return render
 
 
+def guided_render(pipe: SceneGraphDiffusionPipeline, drafts: Render, steps: int, strength: float,
+                  guidance: float) -> tuple[Render, list[float]]:
+    """Finals finished from ``drafts`` (image-to-image at ``strength``, as the job's ``--final-strength``);
+    the list collects the seconds of the finishing alone (the drafts are timed as their predictor)."""
+    generate, seconds = pipeline_generate_fn(pipe, guidance), []
+
+    def render(graphs: list[SceneGraph], seeds: list[int]) -> list[np.ndarray]:
+        start = drafts(graphs, seeds)
+        began = time.perf_counter()
+        images = generate(graphs, seeds, steps, pipe.default_size, pipe.default_size, start=start, strength=strength)
+        seconds.append(time.perf_counter() - began)
+        return images
+
+    return render, seconds
+
+
 def student_predictor(path: str) -> tuple[str, float, int, Render]:
     """The distilled draft model's own steps, guidance-free (its teacher's guidance is baked in)."""
     from sgmodel.draft_distill import load_draft_model
@@ -162,7 +185,7 @@ def finals_rule(graphs: list[SceneGraph], truth: list[list[RecallResult]], draft
     where = {(g.id, candidate_seed(g, config.base_seed, i)): (k, i)
              for k, g in enumerate(graphs) for i in range(config.candidates)}
 
-    def generate(batch, seeds, *_):
+    def generate(batch, seeds, *_, **_guided):  # the token stands for the image, from noise or from its draft
         return [where[(g.id, s)] for g, s in zip(batch, seeds)]
 
     def lookup(table):
@@ -190,6 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
                              "from the pooled full-size noise)")
     parser.add_argument("--draft-model", default=None,
                         help="a distilled draft model folder (jobs.distill_draft): adds its drafts as a predictor")
+    parser.add_argument("--final-strength", type=float, default=None,
+                        help="with --draft-model: also finish every draft into a final (image-to-image at this "
+                             "strength) and run the rule on those finals")
+    parser.add_argument("--guided-finals", type=int, default=None,
+                        help="the rule's M for finals finished from drafts (default: --candidates)")
     parser.add_argument("--guidance", type=float, default=JOB_GUIDANCE)
     parser.add_argument("--seed", type=int, default=JOB_SEED)
     parser.add_argument("--model", default=str(DEMO_MODEL))
@@ -287,9 +315,44 @@ def main(argv: list[str] | None = None) -> dict:
           "(± standard error over graphs)")
     print(text_table(header, cells))
     figures = {"count": len(graphs), "candidates": n, "final_steps": f, "guidance": args.guidance, "rows": rows}
+    if args.draft_model and args.final_strength:
+        figures["guided"] = guided_finals(args, pipe, scorer, graphs, best, predictors[-1], rows[-1]["seconds"],
+                                          truth_seconds)
     if args.json:
         write_json(args.json, figures)
     return figures
+
+
+def guided_finals(args, pipe, scorer, graphs, best: list[float], student, student_seconds: float,
+                  truth_seconds: float) -> dict:
+    """The rule on finals finished from the student's drafts: every draft finished and scored, then
+    ``run_sbpc`` decides on those tables (drafts order the finals, as in the job)."""
+    n, f, m = args.candidates, args.final_steps, args.guided_finals or args.candidates
+    name, _, _, draft_render = student
+    drafts, _ = score_all(draft_render, scorer, graphs, n, args.seed, args.chunk)
+    render, finishing = guided_render(pipe, draft_render, f, args.final_strength, args.guidance)
+    guided, _ = score_all(render, scorer, graphs, n, args.seed, args.chunk)
+    rule = SBPCConfig(candidates=n, final_steps=f, height=pipe.default_size, width=pipe.default_size, draft_steps=1,
+                      final_candidates=m, target_recall=args.target_recall, final_strength=args.final_strength,
+                      base_seed=args.seed)
+    results = finals_rule(graphs, guided, drafts, rule)
+    gaps = np.array([r.final.result.recall - b for r, b in zip(results, best)])
+    finals = np.array([len(r.finals) for r in results], dtype=float)
+    per_final = sum(finishing) / (n * len(graphs))
+    out = {"strength": args.final_strength, "steps_each": int(f * args.final_strength), "finals_max": m,
+           "candidate_recall": statistics.fmean(r.recall for per in guided for r in per),
+           "best_of_n": statistics.fmean(max(r.recall for r in per) for per in guided),
+           "rule_gap": float(gaps.mean()), "rule_gap_se": float(gaps.std(ddof=1) / np.sqrt(len(gaps))),
+           "rule_finals": float(finals.mean()), "rule_finals_se": float(finals.std(ddof=1) / np.sqrt(len(finals))),
+           "seconds_per_final": per_final, "seconds_per_naive_candidate": truth_seconds / (n * len(graphs)),
+           "rule_time_speedup": truth_seconds / (student_seconds + finals.sum() * per_final)}
+    print(f"\nFinals finished from the {name} drafts ({out['steps_each']} of {f} steps each, strength "
+          f"{args.final_strength:g}): candidate recall {out['candidate_recall']:.3f}, best-of-{n} {out['best_of_n']:.3f} "
+          f"(from noise: {statistics.fmean(best):.3f}); ≤{m} finals "
+          f"(≥{args.target_recall:g}): recall - naive {out['rule_gap']:+.4f} ± {out['rule_gap_se']:.4f}, "
+          f"{out['rule_finals']:.2f} ± {out['rule_finals_se']:.2f} finals / graph at {per_final:.3f} s each "
+          f"(a naive candidate {out['seconds_per_naive_candidate']:.3f} s), time speed-up {out['rule_time_speedup']:.2f}x")
+    return out
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft \
         --final-candidates 4 --target-recall 1.0       # full renders of the best drafts until one is complete
     python -m jobs.sbpc --candidates 8 --draft-model models/shapes-sg-diffusion-draft \
-        --final-candidates 8 --target-recall 1.0 --final-strength 0.5   # finals finished from their drafts
+        --final-candidates 8 --target-recall 1.0 --final-strength 0.52  # finals finished from their drafts
     ray job submit --working-dir . -- python -m jobs.sbpc --input s3://… --output s3://… --candidates 10
 
 Every flag of the generate job applies. Ray Data streams read -> validate -> SBPC generator actors

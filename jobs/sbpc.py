@@ -177,7 +177,8 @@ def run(cfg: SBPCJobConfig) -> tuple[dict, int]:
     s = summary["sbpc"]
     if s.get("avg_max_recall") is not None:
         print(f"SBPC {s['mode']}: avg max candidate recall {s['avg_max_recall']:.3f}, "
-              f"{s['avg_candidates_drawn']:.2f} candidates/graph, {s['avg_finals_rendered'] or 0:.2f} full renders/graph, "
+              f"{s['avg_candidates_drawn']:.2f} candidates/graph, {s['avg_finals_rendered'] or 0:.2f} "
+              f"{'full renders' if s['final_strength'] is None else 'finals finished from drafts'}/graph, "
               f"{s['seconds_per_graph'] or 0:.2f} s/graph")
     return summary, code
 

@@ -328,7 +328,17 @@ def guided_finals(args, pipe, scorer, graphs, best: list[float], student, studen
     """The rule on finals finished from the student's drafts: every draft finished and scored, then
     ``run_sbpc`` decides on those tables (drafts order the finals, as in the job)."""
     n, f, m = args.candidates, args.final_steps, args.guided_finals or args.candidates
-    name, _, _, draft_render = student
+    name, _, _, student_render = student
+    kept: dict[tuple[str, int], np.ndarray] = {}
+
+    def draft_render(batch: list[SceneGraph], seeds: list[int]) -> list[np.ndarray]:
+        """The student's drafts, each made once: scored here, then finished from the same image."""
+        missing = [(g, s) for g, s in zip(batch, seeds) if (g.id, s) not in kept]
+        if missing:
+            made = student_render([g for g, _ in missing], [s for _, s in missing])
+            kept.update({(g.id, s): im for (g, s), im in zip(missing, made)})
+        return [kept[(g.id, s)] for g, s in zip(batch, seeds)]
+
     drafts, _ = score_all(draft_render, scorer, graphs, n, args.seed, args.chunk)
     render, finishing = guided_render(pipe, draft_render, f, args.final_strength, args.guidance)
     guided, _ = score_all(render, scorer, graphs, n, args.seed, args.chunk)

@@ -12,6 +12,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pyarrow as pa
 
@@ -108,11 +109,13 @@ class Generator:
             return [_passthrough(row, f"graph {row['id']!r}: generation failed: {type(err).__name__}: {err}",
                                  "generation_failed")]
         per_image = (time.perf_counter() - start) / max(1, len(pngs))
+        done = datetime.now(timezone.utc)
         return [
             {
                 "id": row["id"], "shard": row["shard"], "graph": row["graph"], "error": None, "error_code": None,
                 "sample_index": k, "seed": seed, "image": png, "height": self.height, "width": self.width,
                 "steps": s.steps, "guidance": s.guidance, "gen_seconds": per_image,
+                "generated_at": done,
             }
             for row, k, seed, png in zip(owners, index, seeds, pngs)
         ]
@@ -123,4 +126,5 @@ def _passthrough(row: dict, error: str | None = None, code: str | None = None) -
         "id": row["id"], "shard": row["shard"], "graph": row.get("graph"), "error": error or row["error"],
         "error_code": code or row["error_code"], "sample_index": None, "seed": None, "image": None,
         "height": None, "width": None, "steps": None, "guidance": None, "gen_seconds": None,
+        "generated_at": None,
     }

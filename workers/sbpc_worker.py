@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -103,6 +104,7 @@ class SBPCGenerator:
             logger.exception("SBPC failed for %r", rows[0]["id"])
             return [self._passthrough(rows[0], f"graph {rows[0]['id']!r}: SBPC failed: {type(err).__name__}: {err}",
                                       "generation_failed")]
+        done = datetime.now(timezone.utc)
         out = []
         for row, res in zip(rows, results):
             final = res.final
@@ -119,7 +121,7 @@ class SBPCGenerator:
                 "id": row["id"], "shard": row["shard"], "graph": row["graph"], "error": None, "error_code": None,
                 "sample_index": 0, "seed": final.seed, "image": encode_png(final.image),
                 "height": cfg.height, "width": cfg.width, "steps": cfg.final_steps, "guidance": self.settings.guidance,
-                "gen_seconds": res.seconds, **final.result.to_row(), "score_seconds": None,
+                "gen_seconds": res.seconds, "generated_at": done, **final.result.to_row(), "score_seconds": None,
                 "candidates_drawn": res.drawn, "winner_candidate": res.winner.index,
                 "finals_rendered": len(res.finals) if cfg.draft_steps is not None else res.drawn,
                 "candidate_steps": cfg.candidate_steps, "candidate_height": cfg.candidate_size[0],

@@ -34,9 +34,13 @@ GENERATED_SCHEMA = pa.schema(
         pa.field("steps", pa.int32()),
         pa.field("guidance", pa.float32()),
         pa.field("gen_seconds", pa.float32()),
+        pa.field("generated_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-"""One row per image (or one per rejected input row, with ``image`` null and ``error`` set)."""
+"""One row per image (or one per rejected input row, with ``image`` null and ``error`` set).
+
+``generated_at``: when the generator finished the image's batch (one value per batch), so a run's
+output shows its steady generation rate and any stalls."""
 
 SCORED_SCHEMA = pa.schema(list(GENERATED_SCHEMA) + list(RECALL_ROW_SCHEMA) + [pa.field("score_seconds", pa.float32())])
 
@@ -80,6 +84,7 @@ METADATA_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("model_fingerprint", pa.string()),
         pa.field("gen_seconds", pa.float32()),
+        pa.field("generated_at", pa.timestamp("us", tz="UTC")),
         pa.field("score_seconds", pa.float32()),
         pa.field("shard", pa.string()),
         pa.field("graph", pa.string()),

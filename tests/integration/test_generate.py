@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -37,6 +38,7 @@ def inputs(tmp_path_factory) -> Path:
 
 def test_counts_metadata_markers_and_rerun_identical(local_ray, tiny_model_dir, segmenter_dir, inputs, tmp_path):
     cfg = config(tiny_model_dir, segmenter_dir, str(inputs), str(tmp_path), "a", samples_per_graph=2)
+    started = datetime.now(timezone.utc)
     summary, code = run(cfg)
     assert code == 0
     run_dir = tmp_path / "a"
@@ -53,6 +55,8 @@ def test_counts_metadata_markers_and_rerun_identical(local_ray, tiny_model_dir, 
     assert summary["recall"]["count"] == 20
     assert summary["recall"]["mean"] == pytest.approx(sum(recall) / 20)
     assert len(set(meta["seed"].to_pylist())) == 20
+    done = meta["generated_at"].to_pylist()  # when each image's batch left the generator
+    assert all(started <= t <= datetime.now(timezone.utc) for t in done)
     markers = sorted(p.name for p in (run_dir / "_markers").glob("*.json"))
     assert len(markers) == 3
     assert sum(json.loads((run_dir / "_markers" / m).read_text())["rows"] for m in markers) == 10

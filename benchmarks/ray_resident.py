@@ -1,6 +1,6 @@
 """What does a running Ray instance cost a render on its machine? The same pipe loop four ways, interleaved.
 
-    python benchmarks/ray_resident.py                 # 3 rounds, ~15 min on 2 cores
+    python benchmarks/ray_resident.py                 # 3 rounds, ~17 min on 2 cores
     python benchmarks/ray_resident.py --rounds 1 --rows 24 --steps 2   # plumbing
 
 Companion of ``overhead.py`` (whose job/bare ratio compares the job with a loop on a machine

@@ -62,7 +62,7 @@ def in_ray_task(args, graphs, num_cpus: float) -> float:
 def job_rate(args, input_dir: Path, out: Path, run_id: str) -> float:
     from jobs.generate import run
 
-    summary, code = run(job_config(args, input_dir, out, run_id, "none", args.steps))
+    _, code = run(job_config(args, input_dir, out, run_id, "none", args.steps))
     if code != 0:
         raise SystemExit(f"job {run_id} failed (exit {code})")
     return steady_rate(output_batches(out / run_id))

@@ -17,7 +17,14 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from sgmodel.graph import SceneGraph, derive_seed
-from workers.runtime import load_pipeline, localize_model, pick_device, pick_dtype, set_threads
+from workers.runtime import (
+    keep_freed_memory,
+    load_pipeline,
+    localize_model,
+    pick_device,
+    pick_dtype,
+    set_threads,
+)
 from workers.schema import GENERATED_SCHEMA
 from workers.validate import graph_from_json
 
@@ -63,6 +70,8 @@ class Generator:
         self.settings = settings
         self.threads = set_threads(settings.threads)
         self.device = pick_device(settings.use_gpu)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = pick_dtype(settings.precision, self.device)
         path = localize_model(settings.model, Storage(storage_settings) if storage_settings else None)
         self.pipe = load_pipeline(path, self.device, self.dtype, settings.scheduler, settings.compile)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("model", "ddim", "dpm", "euler")
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 def pick_device(want_gpu: bool) -> torch.device:
@@ -36,6 +40,27 @@ def set_threads(threads: int | None) -> int:
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep large freed blocks for reuse instead of handing them back to the kernel.
+
+    A render on the CPU frees and re-allocates the same large activation buffers at every step.
+    Blocks above glibc's mmap threshold (at most 32 MiB, however it adapts) are unmapped on free and
+    page-faulted in again, zeroed, on the next allocation; so is the top of the heap once it is
+    trimmed. With the demo model that was ~150k page faults/s and 15% of the render's CPU in the
+    kernel (``benchmarks/overhead.py``). A worker serving batch after batch reaches its peak memory
+    anyway, so holding it costs nothing. Called once per CPU worker process; GPU memory is managed by
+    torch's own caching allocator. Returns whether the settings took (glibc only).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def swap_scheduler(pipe, name: str) -> None:

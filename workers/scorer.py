@@ -16,7 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from sgmodel.recall import RecallResult, SegmentationScorer
-from workers.runtime import localize_model, pick_device, pick_dtype, set_threads
+from workers.runtime import keep_freed_memory, localize_model, pick_device, pick_dtype, set_threads
 from workers.schema import SCORED_SCHEMA
 from workers.validate import graph_from_json
 
@@ -50,6 +50,8 @@ class Scorer:
 
         set_threads(settings.threads)
         device = pick_device(settings.use_gpu)
+        if device.type == "cpu":
+            keep_freed_memory()
         dtype = pick_dtype(settings.precision, device)
         storage = Storage(storage_settings) if storage_settings else None
 

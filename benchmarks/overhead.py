@@ -13,10 +13,11 @@ steps, guidance, seeds (``sample_seed``) and image size (the model's) everywhere
 
 Throughput, steady state (model load, Ray and actor start-up excluded):
 
-* bare loop: ``load_pipeline`` once in this process (after ``set_threads(None)``, as the generator
-  actor does), then ``pipe(graphs, num_inference_steps=S, seeds=…, output_type="np")`` batch by
-  batch, each image PNG-encoded with the generator's own ``encode_png`` (PNG encoding is in both the
-  loop and the job, whose generator encodes; the bare loop writes nothing). Steady images/s = images
+* bare loop: ``load_pipeline`` once in this process (after ``set_threads(None)`` and
+  ``keep_freed_memory()``, as the generator actor does on the CPU), then
+  ``pipe(graphs, num_inference_steps=S, seeds=…, output_type="np")`` batch by batch, each image
+  PNG-encoded with the generator's own ``encode_png`` (PNG encoding is in both the loop and the
+  job, whose generator encodes; the bare loop writes nothing). Steady images/s = images
   after the first batch / seconds from the end of the first batch to the end of the last. The
   pipe-only rate (no PNG) is printed too. The loop runs twice, before and after the job runs, and
   the ratios use the mean of the two: on this machine the same loop drifts by up to 30% from one
@@ -275,12 +276,13 @@ def bare_loop(model: str, graphs, batch_size: int, steps: int, guidance: float, 
     import torch
 
     from workers.generator import encode_png, sample_seed
-    from workers.runtime import load_pipeline, set_threads
+    from workers.runtime import keep_freed_memory, load_pipeline, set_threads
 
     sampler = Sampler(os.getpid(), interval=0.5)
     sampler.start()
     started = time.perf_counter()
     threads = set_threads(threads)  # what the generator actor does with its --threads-per-worker
+    keep_freed_memory()  # and on the CPU
     pipe = load_pipeline(model, torch.device("cpu"), torch.float32)
     loaded = time.perf_counter()
     ends, pipe_seconds, png_seconds, sizes = [], [], [], []

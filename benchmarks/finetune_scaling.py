@@ -41,8 +41,8 @@ def base_model(path: str | None, scratch: Path) -> tuple[str, str]:
     candidate = resolve(path or DEMO_MODEL)
     if (Path(candidate) / "model_index.json").is_file():
         return candidate, candidate
-    from sgmodel.flavours import build_pipeline
-    from sgmodel.shapes_diffusion import VOCABULARY
+    from sgmodel.shapes.diffusion import VOCABULARY
+    from sgmodel.shapes.flavours import build_pipeline
 
     fresh = scratch / "demo-flavour"
     build_pipeline("demo", VOCABULARY, seed=0, use_caption=False).save_pretrained(fresh)

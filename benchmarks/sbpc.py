@@ -1,7 +1,7 @@
 """SBPC on the shapes demo model (issue 6): N=1 vs naive best-of-N vs draft vs adaptive, side by side.
 
     python benchmarks/sbpc.py [--count 100] [--candidates 8] [--final-steps 25] [--draft-steps 3]
-        [--draft-size PX] [--draft-model PATH [--draft-segmenter PATH]] [--final-candidates 4]
+        [--draft-size PX] [--draft-model PATH] [--final-candidates 4]
         [--final-strength 0.52] [--guided-finals 8] [--table3-steps 3 25] [--table3-count 100] [--batch-size 8]
         [--markdown sbpc.md] [--json sbpc.json]
 
@@ -26,8 +26,6 @@ differ only in how the candidates are spent:
   the best drafts (image-to-image at ``--final-strength``: the last ``int(S x final steps)`` steps
   from the draft noised with its seed's own noise; the job's ``--final-strength``), best first, up
   to ``--guided-finals`` of them, until one reaches ``--target-recall``;
-- with ``--draft-segmenter`` too: the same drafts scored by the draft segmenter (trained to read
-  them as their final images; the job's ``--draft-segmenter``); final images keep the segmenter.
 
 The rows are interleaved batch by batch (every row runs on batch 1, then every row on batch 2, ...)
 so a change in background load hits all rows alike. Timing (``time.perf_counter``, after model load
@@ -62,10 +60,9 @@ from shapes_quality import HELD_OUT_SEED, held_out_graphs, write_json  # noqa: E
 
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER  # noqa: E402
 from jobs.generate import GenerateConfig  # noqa: E402
-from sgmodel.draft_distill import load_draft_model  # noqa: E402
+from sgmodel.draft import load_draft_model  # noqa: E402
 from sgmodel.graph import SceneGraph  # noqa: E402
 from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
-from sgmodel.recall import RecallResult, SegmentationScorer  # noqa: E402
 from sgmodel.sbpc import (  # noqa: E402
     SBPCConfig,
     SBPCResult,
@@ -74,6 +71,7 @@ from sgmodel.sbpc import (  # noqa: E402
     run_sbpc,
     table3_statistics,
 )
+from sgmodel.scoring import RecallResult, SegmentationScorer  # noqa: E402
 
 # The job's defaults: "full steps" here is what `python -m jobs.sbpc` renders without --final-steps.
 JOB_STEPS = GenerateConfig.steps
@@ -95,8 +93,6 @@ class Row:
     config: SBPCConfig
     distilled: bool = False
     """Candidates from the distilled draft model."""
-    draft_scored: bool = False
-    """Candidates scored by the draft segmenter."""
     seconds: float = 0.0
     results: list[SBPCResult] = field(default_factory=list)
 
@@ -129,8 +125,7 @@ class Row:
         }
 
 
-def build_rows(args: argparse.Namespace, height: int, width: int, distilled_steps: int | None,
-               draft_scored: bool = False) -> list[Row]:
+def build_rows(args: argparse.Namespace, height: int, width: int, distilled_steps: int | None) -> list[Row]:
     common = {"final_steps": args.final_steps, "height": height, "width": width, "base_seed": args.seed}
     draft = {"draft_steps": args.draft_steps, "draft_size": args.draft_size}
     adaptive = {"target_recall": args.target_recall, "round_size": args.round_size}
@@ -159,23 +154,14 @@ def build_rows(args: argparse.Namespace, height: int, width: int, distilled_step
                 SBPCConfig(candidates=n, **common, draft_steps=distilled_steps, final_candidates=args.guided_finals,
                            target_recall=args.target_recall, final_strength=args.final_strength), distilled=True),
         ]),
-        *([] if distilled_steps is None or not draft_scored else [
-            Row(f"distilled draft + draft segmenter N={n}",
-                SBPCConfig(candidates=n, **common, draft_steps=distilled_steps), distilled=True, draft_scored=True),
-            Row(f"adaptive distilled draft + draft segmenter (≥{args.target_recall:g}, N≤{n})",
-                SBPCConfig(candidates=n, **common, draft_steps=distilled_steps, **adaptive), distilled=True,
-                draft_scored=True),
-        ]),
     ]
 
 
 class Timed:
     """The generate and score callables, counting what goes through them."""
 
-    def __init__(self, generate, scorer: SegmentationScorer, generate_distilled=None,
-                 draft_scorer: SegmentationScorer | None = None) -> None:
+    def __init__(self, generate, scorer: SegmentationScorer, generate_distilled=None) -> None:
         self._generate, self._scorer, self._distilled = generate, scorer, generate_distilled
-        self._draft_scorer = draft_scorer
         self.images = 0
 
     def generate(self, graphs, seeds, steps, height, width, **guided) -> list[np.ndarray]:
@@ -188,12 +174,6 @@ class Timed:
 
     def drafts_of(self, row: Row):
         return self.generate_distilled if row.distilled else None
-
-    def score_drafts(self, images, graphs) -> list[RecallResult]:
-        return self._draft_scorer.score(images, graphs)
-
-    def score_drafts_of(self, row: Row):
-        return self.score_drafts if row.draft_scored else None
 
     def score(self, images, graphs) -> list[RecallResult]:
         return self._scorer.score(images, graphs)
@@ -208,8 +188,7 @@ def run_rows(rows: list[Row], graphs: list[SceneGraph], fns: Timed, batch_size: 
         for row in rows:
             # naive rows keep their images anyway; draft rows drop the drafts (as in the job)
             t0 = time.perf_counter()
-            row.results.extend(run_sbpc(chunk, row.config, fns.generate, fns.score, generate_draft=fns.drafts_of(row),
-                                        score_draft=fns.score_drafts_of(row)))
+            row.results.extend(run_sbpc(chunk, row.config, fns.generate, fns.score, generate_draft=fns.drafts_of(row)))
             row.seconds += time.perf_counter() - t0
         print(f"  batch {k}/{len(batches)}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
@@ -375,8 +354,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draft-size", type=int, default=None, help="draft side in pixels (default: full size)")
     parser.add_argument("--draft-model", default=None,
                         help="distilled draft model (python -m jobs.distill_draft): adds the distilled draft rows")
-    parser.add_argument("--draft-segmenter", default=None,
-                        help="with --draft-model: its draft segmenter; adds rows whose drafts it scores")
     parser.add_argument("--target-recall", type=float, default=1.0, help="adaptive rows")
     parser.add_argument("--round-size", type=int, default=1, help="adaptive rows: candidates per graph per round")
     parser.add_argument("--final-candidates", type=int, default=4,
@@ -396,8 +373,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="write every figure as JSON")
     args = parser.parse_args(argv)
     args.guided_finals = args.guided_finals or args.candidates
-    if args.draft_segmenter and not args.draft_model:
-        parser.error("--draft-segmenter needs --draft-model (it reads that model's drafts)")
     table3_steps = args.table3_steps or [args.draft_steps, args.final_steps]
     table3_count = min(args.count, args.table3_count or args.count)
     torch.set_num_threads(args.threads)
@@ -412,20 +387,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.draft_model:
         student, draft = load_draft_model(args.draft_model)
         distilled, distilled_steps = pipeline_generate_fn(student, 1.0), int(draft["draft_steps"])
-    draft_scorer = None
-    if args.draft_segmenter:
-        draft_scorer = SegmentationScorer.from_pretrained(args.draft_segmenter,
-                                                          batch_size=max(16, args.batch_size * args.candidates))
-    rows = build_rows(args, height, width, distilled_steps, draft_scorer is not None)
-    fns = Timed(pipeline_generate_fn(pipe, args.guidance), scorer, distilled, draft_scorer)
+    rows = build_rows(args, height, width, distilled_steps)
+    fns = Timed(pipeline_generate_fn(pipe, args.guidance), scorer, distilled)
 
     # Warm-up: one small call of each row's configuration on graphs outside the measured set.
     spare = held_out_graphs(args.count + 2, args.stream, height)[args.count:]
     for row in rows:
         cfg = SBPCConfig(**{**asdict(row.config), "candidates": 1, "final_candidates": 1, "final_steps": 2,
                             "draft_steps": 1 if row.config.draft_steps else None})
-        run_sbpc(spare, cfg, fns.generate, fns.score, generate_draft=fns.drafts_of(row),
-                 score_draft=fns.score_drafts_of(row))
+        run_sbpc(spare, cfg, fns.generate, fns.score, generate_draft=fns.drafts_of(row))
     fns.images = 0
 
     print(f"{args.count} held-out shapes graphs (stream {args.stream}), {height}x{width}; {args.final_steps} steps, "
@@ -436,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         "count": args.count, "stream": args.stream, "seed": args.seed, "model": args.model,
         "segmenter": args.segmenter, "final_steps": args.final_steps, "guidance": args.guidance,
         "candidates": args.candidates, "draft_steps": args.draft_steps, "draft_size": args.draft_size,
-        "draft_model": args.draft_model, "draft_segmenter": args.draft_segmenter,
+        "draft_model": args.draft_model,
         "final_candidates": args.final_candidates, "target_recall": args.target_recall, "round_size": args.round_size,
         "final_strength": args.final_strength, "guided_finals": args.guided_finals, "batch_size": args.batch_size,
         "threads": args.threads,

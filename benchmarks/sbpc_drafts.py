@@ -60,7 +60,6 @@ from shapes_quality import HELD_OUT_SEED, held_out_graphs, write_json  # noqa: E
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER  # noqa: E402
 from sgmodel.graph import SceneGraph  # noqa: E402
 from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
-from sgmodel.recall import RecallResult, SegmentationScorer  # noqa: E402
 from sgmodel.sbpc import (  # noqa: E402
     Candidate,
     SBPCConfig,
@@ -71,6 +70,7 @@ from sgmodel.sbpc import (  # noqa: E402
     rank_drafts,
     run_sbpc,
 )
+from sgmodel.scoring import RecallResult, SegmentationScorer  # noqa: E402
 
 Render = Callable[[list[SceneGraph], list[int]], list[np.ndarray]]
 
@@ -140,7 +140,7 @@ def guided_render(pipe: SceneGraphDiffusionPipeline, drafts: Render, steps: int,
 
 def student_predictor(path: str) -> tuple[str, float, int, Render]:
     """The distilled draft model's own steps, guidance-free (its teacher's guidance is baked in)."""
-    from sgmodel.draft_distill import load_draft_model
+    from sgmodel.draft import load_draft_model
 
     student, draft = load_draft_model(path)
     generate, k = pipeline_generate_fn(student, 1.0), int(draft["draft_steps"])
@@ -185,13 +185,13 @@ def finals_rule(graphs: list[SceneGraph], truth: list[list[RecallResult]], draft
     where = {(g.id, candidate_seed(g, config.base_seed, i)): (k, i)
              for k, g in enumerate(graphs) for i in range(config.candidates)}
 
-    def generate(batch, seeds, *_, **_guided):  # the token stands for the image, from noise or from its draft
-        return [where[(g.id, s)] for g, s in zip(batch, seeds)]
+    def tokens(table):  # a token stands for the image: which table scores it, and its (graph, candidate)
+        return lambda batch, seeds, *_, **_guided: [(table, *where[(g.id, s)]) for g, s in zip(batch, seeds)]
 
-    def lookup(table):
-        return lambda tokens, _graphs: [table[k][i] for k, i in tokens]
+    def lookup(tokens, _graphs):
+        return [table[k][i] for table, k, i in tokens]
 
-    return run_sbpc(graphs, config, generate, lookup(truth), generate_draft=generate, score_draft=lookup(drafts))
+    return run_sbpc(graphs, config, tokens(truth), lookup, generate_draft=tokens(drafts))
 
 
 def rule_outcome(results: list[SBPCResult], best: list[float]) -> tuple[dict, float]:

@@ -28,11 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sgmodel.data.shapes import shapes_sample  # noqa: E402
 from sgmodel.graph import SceneGraph, derive_seed  # noqa: E402
 from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
-from sgmodel.recall import RecallResult, SegmentationScorer  # noqa: E402
-from sgmodel.shapes_segmenter import evaluate_segmenter  # noqa: E402
+from sgmodel.scoring import RecallResult, SegmentationScorer  # noqa: E402
+from sgmodel.shapes.segmenter import evaluate_segmenter  # noqa: E402
+from sgmodel.shapes.world import shapes_sample  # noqa: E402
 
 HELD_OUT_SEED = 2_000_029
 """Shapes stream of the evaluation graphs; the checkpoints were trained on stream 0."""

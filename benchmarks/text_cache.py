@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from sgmodel.flavours import build_pipeline
 from sgmodel.graph import SceneGraph, SGObject, SGRelation
+from sgmodel.shapes.flavours import build_pipeline
 from sgmodel.text import TextEmbedder
 
 PREDICATES = ["left of", "right of", "above", "below", "on", "near", "holding", "behind"]

@@ -1,13 +1,12 @@
-"""Distil the draft model (and its draft segmenter) for draft SBPC from a shapes scene-graph diffusion model.
+"""Distil the draft model for draft SBPC from a shapes scene-graph diffusion model.
 
     nohup python -m jobs.distill_draft > distill_draft.log 2>&1 &     # ~1 h 45 min on 2 idle CPU cores
 
-Three phases: the teacher renders ``--pairs`` graphs of a held-apart shapes stream (``--processes``
-spawned workers, one thread each; shards already in ``--pairs-dir`` are kept, so this resumes), the
-student trains on them (:mod:`sgmodel.draft_distill`), then the segmenter is fine-tuned to read the
-student's drafts as their final images (:mod:`sgmodel.draft_segmenter`). ``--skip-pairs``,
-``--skip-training`` and ``--skip-segmenter`` leave a phase out. The results are a pipeline folder
-that ``sbpc --draft-model`` loads and a segmenter folder for ``sbpc --draft-segmenter``.
+Two phases: the teacher renders ``--pairs`` graphs of a held-apart shapes stream (``--processes``
+spawned workers, one thread each; shards already in ``--pairs-dir`` are kept, so this resumes), then
+the student trains on them (:mod:`sgmodel.shapes.draft_distill`). ``--skip-pairs`` and
+``--skip-training`` leave a phase out. The result is a pipeline folder that ``sbpc --draft-model``
+loads.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.config import parse_config, require
-from jobs.defaults import DEMO_SEGMENTER
 
 PAIR_STREAM = 7
 """Shapes stream of the teacher pairs: not the demo model's training stream (0) nor the benchmarks' graphs."""
@@ -64,20 +62,9 @@ class DistillDraftConfig:
     """Only train (on the shards already in --pairs-dir)."""
     skip_training: bool = False
     """Do not train the student (use the one in --output)."""
-    segmenter: str = DEMO_SEGMENTER
-    """The segmenter that scores final images: its class maps of the teacher renders are the labels."""
-    segmenter_output: str = "models/shapes-segmenter-draft"
-    """Folder that receives the draft segmenter."""
-    segmenter_steps: int = 800
-    """Draft segmenter optimizer steps."""
-    segmenter_batch_size: int = 32
-    """Drafts per draft segmenter step."""
-    skip_segmenter: bool = False
-    """Do not train the draft segmenter."""
 
     def __post_init__(self) -> None:
-        for name in ("pairs", "teacher_steps", "draft_steps", "train_steps", "batch_size", "processes", "threads",
-                     "segmenter_steps", "segmenter_batch_size"):
+        for name in ("pairs", "teacher_steps", "draft_steps", "train_steps", "batch_size", "processes", "threads"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.guidance >= 0, "guidance", self.guidance, "must be >= 0")
         require(0 < self.val_count < self.pairs, "val_count", self.val_count, f"must be in 1 … {self.pairs - 1}")
@@ -87,8 +74,8 @@ def _make_pairs(cfg: DistillDraftConfig, start: int, count: int) -> list[str]:
     """One worker's share of the teacher renders (runs in a spawned process)."""
     import torch
 
-    from sgmodel.draft_distill import write_teacher_pairs
     from sgmodel.pipeline import SceneGraphDiffusionPipeline
+    from sgmodel.shapes.draft_distill import write_teacher_pairs
 
     torch.set_num_threads(1)
     teacher = SceneGraphDiffusionPipeline.from_pretrained(cfg.teacher)
@@ -115,8 +102,7 @@ def make_pairs(cfg: DistillDraftConfig) -> list[Path]:
 def run(cfg: DistillDraftConfig) -> dict:
     import torch
 
-    from sgmodel.draft_distill import train_draft_student
-    from sgmodel.draft_segmenter import train_draft_segmenter
+    from sgmodel.shapes.draft_distill import train_draft_student
 
     started = time.perf_counter()
     if not cfg.skip_pairs:
@@ -134,14 +120,6 @@ def run(cfg: DistillDraftConfig) -> dict:
             cfg.teacher, paths, cfg.output, draft_steps=cfg.draft_steps, train_steps=cfg.train_steps,
             batch_size=cfg.batch_size, lr=cfg.lr, val_count=cfg.val_count, seed=cfg.seed,
             init_from=cfg.init_student, eval_every=max(1, min(50, cfg.train_steps // 4)), log=lambda m: print(m, flush=True),
-        )
-    if not cfg.skip_segmenter:
-        print(f"== draft segmenter -> {cfg.segmenter_output}", flush=True)
-        torch.set_num_threads(cfg.threads)
-        summary["segmenter"] = train_draft_segmenter(
-            cfg.segmenter, cfg.output, paths, cfg.segmenter_output, train_steps=cfg.segmenter_steps,
-            batch_size=cfg.segmenter_batch_size, val_count=cfg.val_count, seed=cfg.seed,
-            eval_every=max(1, min(100, cfg.segmenter_steps // 4)), log=lambda m: print(m, flush=True),
         )
     print(f"== done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return summary

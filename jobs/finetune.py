@@ -35,11 +35,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.config import ConfigError, parse_config, require
+from jobs.common import RunExistsError, fingerprint, init_ray, job_main, storage_for, versions, write_report
+from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, resolve
-from jobs.generate import configure_logging, fingerprint, storage_for
-from jobs.runs import RunExistsError, discover_inputs, init_ray, input_columns, parquet_paths, versions
-from sgmodel.train import TRAINABLE, TrainConfig
+from jobs.runs import discover_inputs, input_columns, parquet_paths
+from sgmodel.train import TrainConfig
 from workers.storage import Storage, is_s3, join, split_s3
 
 logger = logging.getLogger("sgbatch")
@@ -50,8 +50,10 @@ TRAIN_COLUMNS = ("id", "objects", "relations", "caption", "image")
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig:
-    """Fine-tune the scene-graph conditioning (optionally the UNet) with Ray Train + DeepSpeed ZeRO."""
+class FinetuneConfig(TrainConfig):
+    """Fine-tune the scene-graph conditioning (optionally the UNet) with Ray Train + DeepSpeed ZeRO.
+
+    The loss and what trains are :class:`sgmodel.train.TrainConfig`'s fields, passed down as they are."""
 
     train: str = ""
     """Training table: Parquet file, folder or glob, local or s3:// (rows with an encoded image and a graph)."""
@@ -66,10 +68,6 @@ class FinetuneConfig:
     """Ray Train storage path for checkpoints (default: {output}/checkpoints)."""
     conditioning: Literal["auto", "tokens", "gated"] = "auto"
     """Conditioning of a Stable Diffusion base (auto = tokens); a scene-graph base keeps its own."""
-    trainable: Literal["conditioning", "unet", "lora", "all"] = "conditioning"
-    """What trains: the graph encoder + conditioner (+ gated layers), also the UNet, LoRA on the UNet, or all."""
-    lora_rank: int = 8
-    """Rank of the LoRA adapters (--trainable lora)."""
     zero_stage: Literal[1, 2, 3] = 2
     """DeepSpeed ZeRO stage (3 partitions parameters too, for models that do not fit one device)."""
     offload: Literal["none", "cpu"] = "none"
@@ -107,18 +105,6 @@ class FinetuneConfig:
     """Passes over the training table, converted to steps from its row count (give this or --steps)."""
     image_size: int | None = None
     """Training resolution (default: the model's); images are centre-cropped and resized to it."""
-    cond_dropout: float = 0.1
-    """Share of rows trained with the null condition (classifier-free guidance)."""
-    lambda_recon: float = 1.0
-    """λ in λ·recon + (1−λ)(β·CLIP + (1−β)·MMD); below 1 needs --image-encoder."""
-    beta_clip: float = 0.5
-    """β: share of the contrastive term in the alignment loss."""
-    adversarial_weight: float = 0.0
-    """Weight of the adversarial embedding alignment (needs --image-encoder)."""
-    layout_weight: float = 1.0
-    """Weight of the layout head's box loss (gated conditioning)."""
-    snr_gamma: float | None = None
-    """Min-SNR loss weighting γ (default: plain MSE)."""
     image_encoder: str | None = None
     """CLIP vision model (CLIPVisionModelWithProjection folder, s3:// or hub id) for the alignment losses."""
     checkpoint_every: int = 100
@@ -153,12 +139,11 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         require(bool(self.train), "train", self.train, "required: the training table (Parquet file, folder or glob)")
         require(bool(self.output), "output", self.output, "required")
-        require(self.trainable in TRAINABLE, "trainable", self.trainable, f"must be one of {TRAINABLE}")
         require(self.zero_stage in (1, 2, 3), "zero_stage", self.zero_stage, "must be 1, 2 or 3")
         require(not (self.precision == "fp16" and not self.use_gpu), "precision", self.precision,
                 "fp16 needs --use-gpu; use bf16 or fp32 on CPU workers")
         for name in ("workers", "batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "lora_rank", "shuffle_buffer", "report_max_images"):
+                     "log_every", "shuffle_buffer", "report_max_images"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.steps is None or self.steps >= 1, "steps", self.steps, "must be >= 1")
         require(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be > 0")
@@ -171,14 +156,10 @@ class FinetuneConfig:
                 "must be > 0")
         require(self.image_size is None or self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         require(self.lr > 0, "lr", self.lr, "must be > 0")
-        for name in ("weight_decay", "grad_clip", "adversarial_weight", "layout_weight"):
+        for name in ("weight_decay", "grad_clip"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= 0 (or -1 for unlimited)")
-        for name in ("cond_dropout", "lambda_recon", "beta_clip"):
-            value = getattr(self, name)
-            require(0.0 <= value <= 1.0, name, value, "must lie in [0, 1]")
-        require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "must be > 0")
         require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "must lie in (0, 1)")
         require(self.ema_decay is None or self.zero_stage < 3, "ema_decay", self.ema_decay,
                 "needs --zero-stage 1 or 2 (at stage 3 no rank holds the full weights to average)")
@@ -187,17 +168,18 @@ class FinetuneConfig:
                 "required when --lambda-recon < 1 or --adversarial-weight > 0 (the alignment losses need image embeddings)")
         require(not (self.resume and self.overwrite), "resume", self.resume, "--resume and --overwrite exclude each other")
         self.overrides()  # validates --deepspeed-overrides early
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def checkpoint_uri(self) -> str:
         return self.checkpoints or join(self.output, "checkpoints")
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            trainable=self.trainable, cond_dropout=self.cond_dropout, lambda_recon=self.lambda_recon,
-            beta_clip=self.beta_clip, adversarial_weight=self.adversarial_weight, layout_weight=self.layout_weight,
-            lora_rank=self.lora_rank, snr_gamma=self.snr_gamma,
-        )
+        """The training options alone (what the Ray Train workers get)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
     def overrides(self) -> dict | None:
         """--deepspeed-overrides as a dict: inline JSON (starts with '{') or a JSON/YAML file."""
@@ -305,7 +287,7 @@ def build_datasets(cfg: FinetuneConfig, storage: Storage, image_size: int) -> tu
     """Ray Data pipelines (read -> decode/resize) per split, and the training rows (from Parquet footers)."""
     import ray
 
-    from workers.trainer import decode_batch
+    from workers.train_data import decode_batch
 
     datasets = {}
     train_rows = 0
@@ -358,7 +340,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from sgmodel.deepspeed_config import build_deepspeed_config
-    from workers.trainer import CRASH_ENV, WorkerSettings, steps_for_epochs, train_loop_per_worker
+    from workers import train_loop
 
     cfg = cfg.resolved()
     started = time.perf_counter()
@@ -381,8 +363,8 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
         use_gpu=cfg.use_gpu, overrides=cfg.overrides(),
     )
     global_batch = cfg.batch_size * cfg.gradient_accumulation * cfg.workers
-    steps = cfg.steps or steps_for_epochs(cfg.epochs, train_rows, global_batch)
-    settings = WorkerSettings(
+    steps = cfg.steps or train_loop.steps_for_epochs(cfg.epochs, train_rows, global_batch)
+    settings = train_loop.WorkerSettings(
         base=cfg.base, base_kind=base_kind, conditioning=None if cfg.conditioning == "auto" else cfg.conditioning,
         image_encoder=cfg.image_encoder, train=cfg.train_config(), deepspeed=ds_config, steps=steps, lr=cfg.lr,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, image_size=image_size, use_gpu=cfg.use_gpu,
@@ -405,12 +387,10 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     env = {}
     if not cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    if os.environ.get(CRASH_ENV):
-        env[CRASH_ENV] = os.environ[CRASH_ENV]
     path, fs = storage_path(storage, cfg.checkpoint_uri)
     resources = {"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop.train_loop_per_worker,
         train_loop_config={"settings": settings},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
@@ -454,18 +434,6 @@ def summarize(cfg: FinetuneConfig, final: dict, steps: int, elapsed: float, erro
     }
 
 
-def write_report(storage: Storage, output: str, max_images: int) -> None:
-    """The HTML report; a failure to draw it never fails the run."""
-    try:
-        from jobs.report import build_report
-    except ImportError:
-        return
-    try:
-        build_report(storage, output, max_images=max_images)
-    except Exception:  # noqa: BLE001 - the model is exported; the report is a convenience
-        logger.exception("could not write the report for %s", output)
-
-
 def print_result(cfg: FinetuneConfig, summary: dict) -> None:
     losses = summary["final_losses"]
     loss = losses.get("loss_total")
@@ -483,14 +451,7 @@ def print_result(cfg: FinetuneConfig, summary: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    configure_logging()
-    try:
-        cfg = parse_config(FinetuneConfig, argv, prog="python -m jobs.finetune")
-        _, code = run(cfg)
-    except (ConfigError, RunExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return code
+    return job_main(FinetuneConfig, run, argv, "python -m jobs.finetune")
 
 
 if __name__ == "__main__":

@@ -17,18 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.config import ConfigError, parse_config, require
+from jobs.common import fingerprint, init_ray, job_main, storage_for, versions, write_report
+from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER, SAMPLE_SHAPES, resolve
 from jobs.runs import (
     InputShard,
     Progress,
-    RunExistsError,
     RunLayout,
     discover_inputs,
     duplicate_ids,
-    init_ray,
     new_run_id,
-    versions,
 )
 from jobs.stages import (
     SCORER_CPUS,
@@ -41,7 +39,7 @@ from jobs.stages import (
     sink_stage,
 )
 from jobs.summary import summarize
-from workers.storage import Storage, StorageSettings
+from workers.storage import Storage
 
 logger = logging.getLogger("sgbatch")
 
@@ -154,31 +152,6 @@ class GenerateConfig:
                                    segmenter=resolve(self.segmenter) if self.scoring else self.segmenter)
 
 
-def configure_logging() -> None:
-    """Progress lines on stdout (what ``ray job logs`` shows), whatever logging Ray set up before."""
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s sgbatch %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-def storage_for(config) -> Storage:
-    return Storage(StorageSettings.from_env(endpoint_url=config.s3_endpoint_url, region=config.s3_region))
-
-
-def fingerprint(storage: Storage, model: str) -> str:
-    import hashlib
-
-    from workers.runtime import model_fingerprint
-
-    if model.startswith("s3://"):
-        listing = storage.list(model.rstrip("/"))
-        return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
-    return model_fingerprint(model)
-
-
 def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Storage, dupes: frozenset[str],
                   run_uri: str, model_fp: str):
     """read -> validate -> generator actors -> scorer actors -> sink; consuming it yields per-shard counts."""
@@ -238,7 +211,7 @@ def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None)
     code = exit_code(summary, cfg.max_error_fraction)
     summary["status"] = "succeeded" if code == 0 else "failed"
     layout.write_json("summary.json", summary)
-    report = write_report(layout, cfg.report_max_images) if cfg.report else None
+    report = write_report(storage, layout.uri, cfg.report_max_images) if cfg.report else None
     print_result(layout, summary, report)
     return summary, code
 
@@ -254,17 +227,6 @@ def exit_code(summary: dict, max_error_fraction: float) -> int:
     return 0
 
 
-def write_report(layout: RunLayout, max_images: int) -> str | None:
-    """The HTML report's location; a failure to draw it never fails the run (None then)."""
-    from jobs.report import build_report
-
-    try:
-        return build_report(layout.storage, layout.uri, max_images=max_images)
-    except Exception:  # noqa: BLE001 - the data is written; the report is a convenience
-        logger.exception("could not write the report for %s", layout.uri)
-        return None
-
-
 def print_result(layout: RunLayout, summary: dict, report: str | None = None) -> None:
     recall = summary["recall"].get("mean")
     print(f"\nrun {summary['status']}: {summary['rows_in']} rows -> {summary['images']} images, "
@@ -275,18 +237,6 @@ def print_result(layout: RunLayout, summary: dict, report: str | None = None) ->
         print(f"errors:  {layout.path('errors')}  {summary['errors_by_reason']}")
     if report:
         print(f"report:  {report}")
-
-
-def job_main(config_cls, run_fn, argv: Sequence[str] | None, prog: str) -> int:
-    """CLI front of a batch job: bad flags, an existing run or missing input exit 2 with the reason."""
-    configure_logging()
-    try:
-        cfg = parse_config(config_cls, argv, prog=prog)
-        _, code = run_fn(cfg)
-    except (ConfigError, RunExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

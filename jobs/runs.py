@@ -6,8 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,14 +14,11 @@ from pathlib import PurePosixPath
 
 import pyarrow.parquet as pq
 
+from jobs.common import RunExistsError
 from sgmodel.graph import safe_key
 from workers.storage import Storage, join, split_s3
 
 logger = logging.getLogger("sgbatch")
-
-
-class RunExistsError(RuntimeError):
-    """The run folder exists and neither --resume nor --overwrite was given."""
 
 
 def new_run_id() -> str:
@@ -119,41 +114,6 @@ class RunLayout:
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.storage.read_text(self.path(name)))
-
-
-def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("sgbatch", "ray", "torch", "diffusers", "transformers", "torch_geometric", "pyarrow", "deepspeed"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name.replace("_", "-"))
-        except Exception:  # noqa: BLE001 - a missing optional package is just not listed
-            continue
-    return out
-
-
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local instance."""
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    # Ordered blocks give the generator the same batches on every run: images are only batch-invariant
-    # to ~1e-5 (kernels reduce in another order for other batch shapes), enough to flip a PNG byte.
-    ctx.execution_options.preserve_order = True
-
-
-def cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def parquet_paths(storage: Storage, shards: list[InputShard]) -> tuple[list[str], object, dict[str, str]]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import generate
+from jobs.common import job_main
 from jobs.config import require
 from jobs.defaults import resolve
 from jobs.generate import GenerateConfig
@@ -36,8 +37,7 @@ from jobs.stages import (
     sink_stage,
 )
 from jobs.summary import read_table
-from sgmodel.draft_distill import read_draft_config
-from sgmodel.draft_segmenter import read_draft_segmenter_config
+from sgmodel.draft import read_draft_config
 from sgmodel.sbpc import table3_statistics
 from workers.schema import CANDIDATES_SCHEMA, SBPC_METADATA_SCHEMA
 
@@ -61,9 +61,6 @@ class SBPCJobConfig(GenerateConfig):
     draft_model: str | None = None
     """Draft mode on a distilled draft model (python -m jobs.distill_draft): drafts use its own steps
     (or --draft-steps), without guidance."""
-    draft_segmenter: str | None = None
-    """Draft mode: score the drafts with this segmenter, trained to read them as their final images
-    (python -m jobs.distill_draft); final images are still scored by --segmenter."""
     target_recall: float | None = None
     """Adaptive mode: stop drawing candidates for a graph once one reaches this recall."""
     round_size: int = 1
@@ -95,13 +92,6 @@ class SBPCJobConfig(GenerateConfig):
         if self.draft_model and Path(resolve(self.draft_model)).is_dir():  # s3:// models are checked on the actors
             require(read_draft_config(resolve(self.draft_model)) is not None, "draft_model", self.draft_model,
                     "has no draft.json: not a distilled draft model (make one with python -m jobs.distill_draft)")
-        require(self.draft_segmenter is None or self.draft_steps is not None or self.draft_model is not None,
-                "draft_segmenter", self.draft_segmenter, "needs draft mode (--draft-model or --draft-steps)")
-        if self.draft_segmenter and self.draft_model:
-            learnt = read_draft_segmenter_config(resolve(self.draft_segmenter))
-            if learnt and Path(resolve(learnt["draft_model"])).resolve() != Path(resolve(self.draft_model)).resolve():
-                logger.warning("--draft-segmenter %s learnt the drafts of %s, not of --draft-model %s",
-                               self.draft_segmenter, learnt["draft_model"], self.draft_model)
         require(self.target_recall is None or 0 <= self.target_recall <= 1, "target_recall", self.target_recall,
                 "must be in [0, 1]")
         require(self.round_size >= 1, "round_size", self.round_size, "must be >= 1")
@@ -117,9 +107,8 @@ class SBPCJobConfig(GenerateConfig):
 
     def resolved(self) -> SBPCJobConfig:
         out = super().resolved()
-        for name in ("draft_model", "draft_segmenter"):
-            if getattr(self, name):
-                out = dataclasses.replace(out, **{name: resolve(getattr(self, name))})
+        if self.draft_model:
+            out = dataclasses.replace(out, draft_model=resolve(self.draft_model))
         return out
 
     def sbpc_args(self) -> dict:
@@ -138,8 +127,7 @@ def build_dataset(cfg: SBPCJobConfig, pending, storage, dupes, run_uri: str, mod
 
     where = placement(cfg)
     check_cpu_budget(cfg)
-    score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision,
-                            draft_segmenter=cfg.draft_segmenter)
+    score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
     scorer_cls = scorer_actor_class()
     scorers = [scorer_cls.options(num_cpus=SCORER_CPUS, num_gpus=where.scorer_gpus).remote(score, storage.settings)
                for _ in range(cfg.scorer_workers)]
@@ -154,10 +142,11 @@ def build_dataset(cfg: SBPCJobConfig, pending, storage, dupes, run_uri: str, mod
 
 def sbpc_statistics(storage, run_uri: str, cfg: SBPCJobConfig) -> dict:
     """FG-DM Table 3 over the run's candidates, and what the selection cost per graph."""
-    cands = read_table(storage, f"{run_uri}/candidates", CANDIDATES_SCHEMA, ["id", "recall"])
-    per_graph: dict[str, list[float]] = {}
-    for row_id, recall in zip(cands.column("id").to_pylist(), cands.column("recall").to_pylist()):
-        per_graph.setdefault(row_id, []).append(recall)
+    cands = read_table(storage, f"{run_uri}/candidates", CANDIDATES_SCHEMA, ["id", "candidate_index", "recall"])
+    per_graph: dict[str, list[tuple[int, float | None]]] = {}
+    for row in cands.to_pylist():
+        per_graph.setdefault(row["id"], []).append((row["candidate_index"], row["recall"]))
+    recalls = [[recall for _, recall in sorted(rows)] for rows in per_graph.values()]
     meta = read_table(storage, f"{run_uri}/metadata", SBPC_METADATA_SCHEMA, ["gen_seconds", "recall", "finals_rendered"])
     seconds = [v for v in meta.column("gen_seconds").to_pylist() if v is not None]
     finals = [v for v in meta.column("finals_rendered").to_pylist() if v is not None]
@@ -165,8 +154,8 @@ def sbpc_statistics(storage, run_uri: str, cfg: SBPCJobConfig) -> dict:
     mode = "naive" if not (args["draft_steps"] or cfg.draft_model) else "draft" if cfg.final_candidates == 1 else "draft-finals"
     return {
         "mode": f"adaptive-{mode}" if args["target_recall"] is not None else mode, **args,
-        "draft_model": cfg.draft_model, "draft_segmenter": cfg.draft_segmenter,
-        **{k: v for k, v in table3_statistics(list(per_graph.values())).items() if k != "graphs"},
+        "draft_model": cfg.draft_model,
+        **{k: v for k, v in table3_statistics(recalls).items() if k != "graphs"},
         "avg_finals_rendered": sum(finals) / len(finals) if finals else None,
         "seconds_per_graph": sum(seconds) / len(seconds) if seconds else None,
     }
@@ -184,7 +173,7 @@ def run(cfg: SBPCJobConfig) -> tuple[dict, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return generate.job_main(SBPCJobConfig, run, argv, "python -m jobs.sbpc")
+    return job_main(SBPCJobConfig, run, argv, "python -m jobs.sbpc")
 
 
 if __name__ == "__main__":

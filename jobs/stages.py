@@ -10,8 +10,9 @@ import inspect
 import os
 from dataclasses import dataclass
 
+from jobs.common import cluster_has_gpus
 from jobs.config import ConfigError
-from jobs.runs import InputShard, cluster_has_gpus, input_columns, parquet_paths
+from jobs.runs import InputShard, input_columns, parquet_paths
 from sgmodel.graph import ValidationLimits
 from workers.storage import Storage
 

@@ -50,8 +50,8 @@ class TrainDemoConfig:
 
 
 def run(cfg: TrainDemoConfig) -> dict:
-    from sgmodel.shapes_diffusion import train_diffusion
-    from sgmodel.shapes_segmenter import TINY_ARCH, train_segmenter
+    from sgmodel.shapes.diffusion import train_diffusion
+    from sgmodel.shapes.segmenter import TINY_ARCH, train_segmenter
 
     out = Path(cfg.output)
     results = {}

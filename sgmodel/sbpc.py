@@ -16,9 +16,8 @@ Three ways to spend the candidates:
   with the seed's own noise to the last S of the schedule, then only those steps), as FG-DM renders
   its image from the chosen segmentation: a final costs S of a full render and keeps the draft's
   layout, so the drafts' rank matters less and more of them can be finished. The drafts can come from a distilled
-  draft model instead (``generate_draft``; :mod:`sgmodel.draft_distill`), trained so that a seed's
-  draft looks like that seed's full render, and be scored by a segmenter trained to read drafts as
-  their final images (``score_draft``; :mod:`sgmodel.draft_segmenter`).
+  draft model instead (``generate_draft``; :mod:`sgmodel.draft`), trained so that a seed's draft looks like
+  that seed's full render.
 - adaptive: candidates are drawn in rounds and a graph stops as soon as one reaches the target
   recall (up to N); combinable with draft, where the target stops the drafts (one final render)
   or, with ``final_candidates`` > 1, the final renders (then every graph drafts all N).
@@ -29,6 +28,7 @@ The selection logic is pure: ``generate`` and ``score`` are callables, so it run
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from sgmodel.graph import SceneGraph, derive_seed
-from sgmodel.recall import RecallResult
+from sgmodel.scoring import RecallResult
 
 GenerateFn = Callable[..., list[np.ndarray]]
 """(graphs, seeds, steps, height, width) -> images as uint8 arrays [H, W, 3], one per (graph, seed).
@@ -190,17 +190,15 @@ def draft_noise(full_noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 def run_sbpc(
     graphs: Sequence[SceneGraph], config: SBPCConfig, generate: GenerateFn, score: ScoreFn, keep_images: bool = False,
-    generate_draft: GenerateFn | None = None, score_draft: ScoreFn | None = None,
+    generate_draft: GenerateFn | None = None,
 ) -> list[SBPCResult]:
     """Best-of-N for a batch of graphs; candidates of all active graphs share each generate/score call.
 
-    Draft mode only: ``generate_draft`` draws the candidates (e.g. on a distilled draft model) and
-    ``score_draft`` scores them (e.g. with a draft segmenter); the winner's final render always
-    uses ``generate`` and ``score``.
+    Draft mode only: ``generate_draft`` draws the candidates (e.g. on a distilled draft model); the
+    final renders always use ``generate``.
     """
-    for name, fn in (("generate_draft", generate_draft), ("score_draft", score_draft)):
-        if fn is not None and config.draft_steps is None:
-            raise ValueError(f"{name} needs draft mode (config.draft_steps)")
+    if generate_draft is not None and config.draft_steps is None:
+        raise ValueError("generate_draft needs draft mode (config.draft_steps)")
     started = time.perf_counter()
     graphs = list(graphs)
     pools: list[list[Candidate]] = [[] for _ in graphs]
@@ -216,7 +214,7 @@ def run_sbpc(
         seeds = [candidate_seed(graphs[g], config.base_seed, i) for g, i in jobs]
         images = (generate_draft or generate)(batch_graphs, seeds, steps, height, width)
         # 2. Score them all at once.
-        results = (score_draft or score)(images, batch_graphs)
+        results = score(images, batch_graphs)
         for (g, i), seed, image, result in zip(jobs, seeds, images, results):
             kept = keep_images or config.draft_steps is None or config.final_strength is not None
             pools[g].append(Candidate(i, seed, result, image if kept else None))
@@ -268,18 +266,34 @@ def _render_finals(graphs: list[SceneGraph], pools: list[list[Candidate]], confi
     return winners, finals, rendered
 
 
-def table3_statistics(recalls_per_graph: Sequence[Sequence[float]]) -> dict[str, Any]:
-    """FG-DM Table 3 over graphs: average min / median / max recall, average count of candidates ≥ thresholds."""
-    graphs = [list(r) for r in recalls_per_graph if r]
-    if not graphs:
+TABLE3_THRESHOLDS = ("0.5", "0.75", "0.9")
+"""Recall thresholds of FG-DM's Table 3 ("how many of the N candidates reach t")."""
+
+
+def table3_statistics(recalls_per_graph: Sequence[Sequence[float | None]]) -> dict[str, Any]:
+    """FG-DM Table 3 over graphs, and the best-of-n curve.
+
+    ``recalls_per_graph``: each graph's candidates in draw order, None for a candidate that was not
+    scored. Recall statistics average over graphs with at least one scored candidate; "candidates
+    drawn" averages over every graph, scored or not (what the selection spent). ``best_of_n`` is
+    [(n, mean over graphs of the best recall among their first n candidates)]: a graph that stopped
+    early (adaptive) keeps the best of what it drew, which is what a budget of n would have given it.
+    """
+    drawn = [len(r) for r in recalls_per_graph]
+    scored = [[float(v) for v in r if v is not None and math.isfinite(v)] for r in recalls_per_graph]
+    scored = [r for r in scored if r]
+    if not scored:
         return {"graphs": 0}
+    longest = max(len(r) for r in scored)
     return {
-        "graphs": len(graphs),
-        "avg_min_recall": statistics.fmean(min(r) for r in graphs),
-        "avg_median_recall": statistics.fmean(statistics.median(r) for r in graphs),
-        "avg_max_recall": statistics.fmean(max(r) for r in graphs),
-        "avg_count_at_least": {str(t): statistics.fmean(sum(v >= t for v in r) for r in graphs) for t in (0.5, 0.75, 0.9)},
-        "avg_candidates_drawn": statistics.fmean(len(r) for r in graphs),
+        "graphs": len(scored),
+        "avg_min_recall": statistics.fmean(min(r) for r in scored),
+        "avg_median_recall": statistics.fmean(statistics.median(r) for r in scored),
+        "avg_max_recall": statistics.fmean(max(r) for r in scored),
+        "avg_count_at_least": {t: statistics.fmean(sum(v >= float(t) for v in r) for r in scored)
+                               for t in TABLE3_THRESHOLDS},
+        "avg_candidates_drawn": statistics.fmean(drawn),
+        "best_of_n": [(n, statistics.fmean(max(r[:n]) for r in scored)) for n in range(1, longest + 1)],
     }
 
 

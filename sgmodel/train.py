@@ -9,7 +9,6 @@ image encoder) are held outside the module tree, so ZeRO-3 never partitions them
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from sgmodel.losses import (
     mmd_loss,
     reconstruction_loss,
 )
+from sgmodel.optim import EMA, lr_factor, trainable_named
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
 from sgmodel.text import TextEmbedder
 
@@ -64,15 +64,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+            raise ValueError(f"--trainable = {self.trainable!r}: must be one of {TRAINABLE}")
         for name in ("cond_dropout", "lambda_recon", "beta_clip"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        if self.adversarial_weight < 0 or self.layout_weight < 0:
-            raise ValueError("adversarial_weight and layout_weight must be >= 0")
+                raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must lie in [0, 1]")
+        for name in ("adversarial_weight", "layout_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r}: must be >= 0")
         if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank!r}")
+            raise ValueError(f"--lora-rank = {self.lora_rank!r}: must be >= 1")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"--snr-gamma = {self.snr_gamma!r}: must be > 0")
 
 
 def configure_trainable(pipe: SceneGraphDiffusionPipeline, config: TrainConfig) -> None:
@@ -262,18 +265,6 @@ class DiffusionTrainingModule(nn.Module):
         return weights
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
-    """LR multiplier at optimizer step ``step``: linear warmup, then cosine decay to ``min_ratio``.
-
-    Shared by :func:`fit` and the distributed fine-tuning loop (as a ``LambdaLR``), so both follow
-    the same schedule.
-    """
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -300,22 +291,20 @@ def fit(
     on_log: Callable[[StepLog], None] | None = None,
     start_step: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
-    ema=None,
+    ema: EMA | None = None,
     total_steps: int | None = None,
-) -> tuple[torch.optim.Optimizer, object | None]:
+) -> tuple[torch.optim.Optimizer, EMA | None]:
     """A plain in-process training loop (AdamW, cosine decay after warmup, grad clipping, optional EMA).
 
     Trains steps ``start_step … steps-1``; to continue a run in chunks pass back the returned
-    optimizer and EMA model (diffusers ``EMAModel``) and the run's ``total_steps`` (LR schedule).
+    optimizer and EMA and the run's ``total_steps`` (LR schedule).
     """
-    from diffusers.training_utils import EMAModel
-
     params = trainable_parameters(module)
     total = total_steps or steps
     if optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if ema is None and ema_decay:
-        ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True)
+        ema = EMA(trainable_named(module), ema_decay)
 
     def lr_at(step: int) -> float:
         return lr * lr_factor(step, warmup_steps, total)
@@ -334,7 +323,7 @@ def fit(
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         if ema is not None:
-            ema.step(params)
+            ema.update(trainable_named(module))
         window_samples += len(graphs)
         if on_log and ((step + 1) % log_every == 0 or step + 1 == steps):
             elapsed = time.perf_counter() - window_start

@@ -110,8 +110,8 @@ def s3_bucket(s3_settings: StorageSettings) -> S3Bucket:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny untrained scene-graph pipeline (debug flavour, 16x16, shapes vocabulary), saved once."""
-    from sgmodel.flavours import build_pipeline
-    from sgmodel.shapes_diffusion import VOCABULARY
+    from sgmodel.shapes.diffusion import VOCABULARY
+    from sgmodel.shapes.flavours import build_pipeline
 
     path = tmp_path_factory.mktemp("models") / "tiny-sg"
     build_pipeline("debug", VOCABULARY, seed=0, use_caption=False).save_pretrained(path)

@@ -16,7 +16,7 @@ from html.parser import HTMLParser
 import pyarrow as pa
 
 from jobs.summary import recall_stats
-from sgmodel.data.shapes import iter_shapes_records
+from sgmodel.shapes.world import iter_shapes_records
 from workers.schema import ERRORS_SCHEMA, METADATA_SCHEMA, SCORED_SCHEMA
 from workers.storage import Storage, join
 from workers.validate import graph_to_json

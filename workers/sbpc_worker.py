@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from sgmodel.draft_distill import read_draft_config
+from sgmodel.draft import read_draft_config
 from sgmodel.sbpc import SBPCConfig, pipeline_generate_fn, run_sbpc
 from workers.generator import GenerationSettings, Generator, encode_png
 from workers.runtime import load_pipeline, localize_model
@@ -64,23 +64,17 @@ class SBPCGenerator:
             self.sbpc_args = {**self.sbpc_args, "draft_steps": int(draft["draft_steps"])}
         return pipeline_generate_fn(pipe, 1.0)
 
-    def score(self, images: list[np.ndarray], graphs, draft: bool = False) -> list:
-        """Split one round's images over the scorer actors and wait for all of them.
-
-        ``draft``: the images are drafts (the scorers use their draft segmenter if they have one).
-        """
+    def score(self, images: list[np.ndarray], graphs) -> list:
+        """Split one round's images over the scorer actors and wait for all of them."""
         if not images:
             return []
         step = -(-len(images) // min(len(self.scorers), len(images)))
         refs = [
             self.scorers[next(self._turn)].score_images.remote(
-                images[i : i + step], [graph_to_json(g) for g in graphs[i : i + step]], draft)
+                images[i : i + step], [graph_to_json(g) for g in graphs[i : i + step]])
             for i in range(0, len(images), step)
         ]
         return [r for chunk in self._ray.get(refs) for r in chunk]
-
-    def _score_drafts(self, images: list[np.ndarray], graphs) -> list:
-        return self.score(images, graphs, draft=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -96,8 +90,7 @@ class SBPCGenerator:
                          **self.sbpc_args)
         try:
             results = run_sbpc(graphs, cfg, self.generate, self.score, keep_images=self.keep,
-                               generate_draft=self.generate_draft,
-                               score_draft=self._score_drafts if cfg.draft_steps is not None else None)
+                               generate_draft=self.generate_draft)
         except Exception as err:  # noqa: BLE001 - never fail the batch: bisect to the culprit
             if len(rows) > 1:
                 return [r for row in rows for r in self._select([row])]

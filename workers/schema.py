@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from sgmodel.recall import RECALL_ROW_SCHEMA
+from sgmodel.scoring import RECALL_ROW_SCHEMA
 
 # After validation: the contract columns the generator needs, plus where the row came from and
 # why it was rejected (null when valid).

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from PIL import Image
 
-from sgmodel.recall import RecallResult, SegmentationScorer
+from sgmodel.scoring import RecallResult, SegmentationScorer
 from workers.runtime import keep_freed_memory, localize_model, pick_device, pick_dtype, set_threads
 from workers.schema import SCORED_SCHEMA
 from workers.validate import graph_from_json
@@ -36,8 +36,6 @@ class ScoringSettings:
     batch_size: int = 16
     options: dict = field(default_factory=dict)
     """RecallConfig fields (min_area_fraction, mapping, …)."""
-    draft_segmenter: str | None = None
-    """SBPC draft mode: a segmenter that reads drafts as their final images (sgmodel.draft_segmenter)."""
 
 
 def decode_image(png: bytes) -> Image.Image:
@@ -54,24 +52,16 @@ class Scorer:
             keep_freed_memory()
         dtype = pick_dtype(settings.precision, device)
         storage = Storage(storage_settings) if storage_settings else None
-
-        def load(model: str) -> SegmentationScorer:
-            return SegmentationScorer.from_pretrained(localize_model(model, storage), device=device, dtype=dtype,
-                                                      batch_size=settings.batch_size, **settings.options)
-
-        self.scorer = load(settings.segmenter)
-        self.draft_scorer = load(settings.draft_segmenter) if settings.draft_segmenter else self.scorer
+        self.scorer = SegmentationScorer.from_pretrained(
+            localize_model(settings.segmenter, storage), device=device, dtype=dtype, batch_size=settings.batch_size,
+            **settings.options)
 
     def score(self, pngs: list[bytes], graphs_json: list[str]) -> list[RecallResult]:
         return self.scorer.score([decode_image(p) for p in pngs], [graph_from_json(g) for g in graphs_json])
 
-    def score_images(self, images: list, graphs_json: list[str], draft: bool = False) -> list[RecallResult]:
-        """Uint8 arrays [H, W, 3] (SBPC candidates, never encoded) against their graphs.
-
-        ``draft``: the images are SBPC drafts, read by the draft segmenter when there is one.
-        """
-        scorer = self.draft_scorer if draft else self.scorer
-        return scorer.score(images, [graph_from_json(g) for g in graphs_json])
+    def score_images(self, images: list, graphs_json: list[str]) -> list[RecallResult]:
+        """Uint8 arrays [H, W, 3] (SBPC candidates, never encoded) against their graphs."""
+        return self.scorer.score(images, [graph_from_json(g) for g in graphs_json])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

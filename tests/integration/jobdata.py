@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sgmodel.data.shapes import iter_shapes_records
 from sgmodel.graph import GRAPH_SCHEMA, graph_to_row
+from sgmodel.shapes.world import iter_shapes_records
 
 GOOD = {"objects": [{"label": "circle", "attributes": ["red"], "box": None}], "relations": []}
 

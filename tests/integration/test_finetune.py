@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,13 @@ import torch
 
 from jobs.finetune import RUN_NAME, FinetuneConfig, run
 from jobs.runs import RunExistsError
-from sgmodel.data.shapes import iter_shapes_records
 from sgmodel.graph import graph_to_row, parse_graph
+from sgmodel.optim import lr_factor
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
-from sgmodel.train import lr_factor
+from sgmodel.shapes.world import iter_shapes_records
 from tests.integration.jobdata import write_shards
 from tests.unit.test_pipeline import tiny_sd_folder  # noqa: F401 - a fixture
-from workers.trainer import CRASH_ENV
+from workers import train_loop
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -119,18 +120,34 @@ def test_zero3_bf16_loss_goes_down_and_the_export_loads_and_generates(local_ray,
     assert changed  # trainable="all" reached the text encoder through ZeRO-3's gather
 
 
+def crash_after_step_10(config: dict) -> None:
+    """The job's worker loop, but every worker exits hard once its step-10 checkpoint is registered."""
+    import ray.train
+
+    report = ray.train.report
+
+    def report_then_crash(metrics, checkpoint=None, **kwargs):
+        report(metrics, checkpoint=checkpoint, **kwargs)
+        if checkpoint is not None and metrics.get("step") == 10:
+            ray.train.get_all_reported_checkpoints()  # wait until the checkpoint is registered
+            os._exit(1)
+
+    ray.train.report = report_then_crash  # this worker process only
+    train_loop.train_loop_per_worker(config)
+
+
 def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, train_table, tmp_path, monkeypatch):
     out = tmp_path / "ft"
     cfg = config(str(train_table), tiny_model_dir, str(out), steps=20, checkpoint_every=5, trainable="unet",
                  ema_decay=0.9)
-    monkeypatch.setenv(CRASH_ENV, "10")  # every worker exits hard once the step-10 checkpoint is registered
-    failed, code = run(cfg)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_loop, "train_loop_per_worker", crash_after_step_10)
+        failed, code = run(cfg)
     assert code == 1 and failed["status"] == "failed" and failed["error"]
     checkpoints = out / "checkpoints" / RUN_NAME
     assert {p.name for p in checkpoints.glob("step-*")} == {"step-00000005", "step-00000010"}
     assert [m["step"] for m in metrics(out)] == [5, 10]
     assert not (out / "model_index.json").exists()
-    monkeypatch.delenv(CRASH_ENV)
 
     with pytest.raises(RunExistsError, match="--resume"):
         run(cfg)
@@ -186,8 +203,8 @@ def test_gated_lora_checkpoints_and_export_to_s3_then_generate_from_there(local_
     from jobs.defaults import SAMPLE_SHAPES, resolve
     from jobs.generate import GenerateConfig
     from jobs.generate import run as generate
-    from sgmodel.flavours import build_pipeline
-    from sgmodel.shapes_diffusion import VOCABULARY
+    from sgmodel.shapes.diffusion import VOCABULARY
+    from sgmodel.shapes.flavours import build_pipeline
     from workers.runtime import localize_model
 
     storage = s3_bucket.storage()

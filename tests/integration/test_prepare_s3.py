@@ -28,7 +28,7 @@ def test_prepare_to_s3_reads_back_with_boto3_and_pyarrow(s3_bucket, capsys):
     out = s3_bucket.uri("prepared/samples")
     rc = main([
         "sg2im", "--input", SAMPLES, "--output", out, "--rows-per-shard", "4",
-        "--endpoint-url", s3_bucket.endpoint_url,
+        "--s3-endpoint-url", s3_bucket.endpoint_url,
     ])
     assert rc == 0
     assert "rows written   10" in capsys.readouterr().out
@@ -96,6 +96,6 @@ def test_prepare_reads_s3_input_and_takes_the_endpoint_from_the_environment(s3_b
 
 def test_missing_s3_input_is_an_argument_error(s3_bucket, capsys):
     rc = main(["sg2im", "--input", s3_bucket.uri("nope.json"), "--output", s3_bucket.uri("o"),
-               "--endpoint-url", s3_bucket.endpoint_url])
+               "--s3-endpoint-url", s3_bucket.endpoint_url])
     assert rc == 2
     assert "--input" in capsys.readouterr().err

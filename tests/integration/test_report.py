@@ -22,8 +22,8 @@ from PIL import Image
 
 from jobs.generate import GenerateConfig, run
 from jobs.report import build_report, main
-from sgmodel.data.shapes import iter_shapes_records
 from sgmodel.graph import GRAPH_SCHEMA, graphs_to_table
+from sgmodel.shapes.world import iter_shapes_records
 from tests.report_runs import HOSTILE_ID, ReportPage, write_finetune_run, write_sbpc_run
 from workers.storage import Storage, join
 

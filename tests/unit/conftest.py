@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sgmodel.flavours import build_pipeline
 from sgmodel.graph import SceneGraph, SGObject, SGRelation
+from sgmodel.shapes.flavours import build_pipeline
 
 VOCAB = [
     "circle", "square", "triangle", "red", "green", "blue", "small", "large",

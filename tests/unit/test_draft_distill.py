@@ -13,17 +13,15 @@ from safetensors.torch import load_file
 from jobs.config import ConfigError
 from jobs.distill_draft import PAIR_STREAM
 from jobs.distill_draft import main as distill_main
-from sgmodel.draft_distill import (
-    load_draft_model,
+from sgmodel.draft import load_draft_model, read_draft_config
+from sgmodel.pipeline import SceneGraphDiffusionPipeline
+from sgmodel.shapes.draft_distill import (
     load_pairs,
     pair_seed,
-    read_draft_config,
     shapes_graphs,
     train_draft_student,
     write_teacher_pairs,
 )
-from sgmodel.draft_segmenter import read_draft_segmenter_config
-from sgmodel.pipeline import SceneGraphDiffusionPipeline
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +84,16 @@ def test_student_learns_the_teachers_renders_and_loads_as_a_pipeline(teacher, ti
             torch.testing.assert_close(a, b)
 
 
-def test_cli_makes_pairs_in_processes_then_trains_the_student_and_the_draft_segmenter(tiny_model_dir, tmp_path):
-    pairs_dir, out, seg = tmp_path / "pairs", tmp_path / "student", tmp_path / "seg"
+def test_cli_makes_pairs_in_processes_then_trains_the_student(tiny_model_dir, tmp_path):
+    pairs_dir, out = tmp_path / "pairs", tmp_path / "student"
     args = ["--teacher", tiny_model_dir, "--output", str(out), "--pairs-dir", str(pairs_dir), "--pairs", "40",
             "--batch-size", "8", "--val-count", "16", "--train-steps", "4", "--teacher-steps", "2", "--processes", "2",
-            "--threads", "1", "--segmenter-output", str(seg), "--segmenter-steps", "2",
-            "--segmenter-batch-size", "8"]
+            "--threads", "1"]
     assert distill_main(args) == 0
     shards = sorted(pairs_dir.glob("*.safetensors"))
     assert [p.name for p in shards] == [f"pairs-{PAIR_STREAM:08d}-{i:08d}.safetensors" for i in range(0, 40, 8)]
     assert np.concatenate([load_file(str(p))["index"].numpy() for p in shards]).tolist() == list(range(40))
     assert read_draft_config(out)["draft_steps"] == 2 and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert read_draft_segmenter_config(seg)["draft_model"] == str(out) and (seg / "model.safetensors").is_file()
-    args += ["--skip-segmenter"]
     with pytest.raises(ConfigError, match="--val-count = 40: must be in 1 … 39"):  # checked before anything runs
         distill_main(args + ["--val-count", "40"])
     # --skip-pairs trains on what is there; an empty folder is a clear error

@@ -14,22 +14,17 @@ from PIL import Image
 
 from jobs.config import ConfigError
 from jobs.finetune import FinetuneConfig, inspect_base
-from sgmodel.data.shapes import iter_shapes_records
-from sgmodel.flavours import build_pipeline
 from sgmodel.graph import GRAPH_SCHEMA, graph_to_row
+from sgmodel.optim import EMA
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
+from sgmodel.shapes.flavours import build_pipeline
+from sgmodel.shapes.world import iter_shapes_records
 from sgmodel.train import DiffusionTrainingModule, TrainConfig
 from workers.storage import Storage
-from workers.trainer import (
-    EMA,
-    BadRows,
-    WorkerSettings,
-    decode_batch,
-    export_pipeline,
-    prepare_for_deepspeed,
-    rows_to_batch,
-    steps_for_epochs,
-)
+from workers.train_data import BadRows, decode_batch, rows_to_batch
+from workers.train_engine import prepare_for_deepspeed
+from workers.train_export import export_pipeline
+from workers.train_loop import WorkerSettings, steps_for_epochs
 
 from .conftest import VOCAB
 

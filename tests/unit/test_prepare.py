@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import cli
-from jobs.prepare import ERROR_TABLE_SCHEMA, GraphShardWriter, main
+from jobs.prepare import main
+from sgmodel.data.writer import ERROR_TABLE_SCHEMA, GraphShardWriter
 from sgmodel.graph import GRAPH_SCHEMA, SceneGraph, SceneGraphError, SGObject, table_to_graphs
 from workers.storage import Storage, StorageSettings
 
@@ -94,8 +95,8 @@ def test_argument_errors_exit_2_and_name_the_flag(tmp_path, capsys):
     assert "--rows-per-shard = 0" in capsys.readouterr().err
     assert main(["sg2im", "--input", SAMPLES]) == 2
     assert "--output" in capsys.readouterr().err
-    assert main(["vg", "--scene-graphs", SAMPLES, "--output", "o", "--endpoint-url", "localhost:9"]) == 2
-    assert "--endpoint-url" in capsys.readouterr().err
+    assert main(["vg", "--scene-graphs", SAMPLES, "--output", "o", "--s3-endpoint-url", "localhost:9"]) == 2
+    assert "--s3-endpoint-url" in capsys.readouterr().err
     assert main(["nope"]) == 2
     assert main(["--help"]) == 0
     assert "sg2im" in capsys.readouterr().out
@@ -168,7 +169,7 @@ def test_coco_through_the_cli_adds_file_name(tmp_path):
 
 
 def test_shapes_subcommand_writes_class_maps(tmp_path):
-    pytest.importorskip("sgmodel.data.shapes")
+    pytest.importorskip("sgmodel.shapes.world")
     out = tmp_path / "shapes"
     assert main(["shapes", "--count", "5", "--seed", "2", "--output", str(out), "--rows-per-shard", "2"]) == 0
     table, errors, summary = read_output(out)

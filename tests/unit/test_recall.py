@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sgmodel.graph import SceneGraph, SGObject, SGRelation
-from sgmodel.recall import (
+from sgmodel.scoring import (
     RECALL_ROW_SCHEMA,
     LabelMatcher,
     RecallConfig,
@@ -237,7 +237,7 @@ def test_shapes_world_matches_colour_and_shape():
 
 def test_shapes_world_ground_truth_maps_score_full_recall():
     """The shapes renderer's own class maps are the best a segmenter could do: every object is found."""
-    shapes = pytest.importorskip("sgmodel.data.shapes")
+    shapes = pytest.importorskip("sgmodel.shapes.world")
     assert dict(enumerate(shapes.CLASS_NAMES)) == SHAPES_ID2LABEL
     samples = [shapes.shapes_sample(7, i, 32) for i in range(40)]
     results = score_class_maps([out.class_map for _, out in samples], [g for g, _ in samples], SHAPES_ID2LABEL)

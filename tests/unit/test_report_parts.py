@@ -10,11 +10,11 @@ import xml.etree.ElementTree as ET
 import pytest
 from PIL import Image
 
-from jobs.report_data import ImageIndex, sbpc_stats, select_images
-from jobs.report_graph import graph_svg, object_statuses
-from jobs.report_html import e, fmt
-from jobs.report_images import split_tar_key, thumbnail
-from jobs.report_plots import histogram_counts, loss_curves, max_recall_curve, recall_histogram
+from jobs.report.data import ImageIndex, sbpc_stats, select_images
+from jobs.report.graph import graph_svg, object_statuses
+from jobs.report.html import e, fmt
+from jobs.report.images import split_tar_key, thumbnail
+from jobs.report.plots import histogram_counts, loss_curves, max_recall_curve, recall_histogram
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -120,15 +120,17 @@ def test_sbpc_statistics_by_hand():
     stats = sbpc_stats(candidates([(0.25, 0.5, 1.0, 0.75), (1.0, 0.0, 0.5, 0.5), (0.0, 0.0, 0.25, 0.5)]))
     assert [n for n, _ in stats.curve] == [1, 2, 3, 4]
     assert [m for _, m in stats.curve] == pytest.approx([1.25 / 3, 0.5, 0.75, 2.5 / 3])
-    assert (stats.avg_min, stats.avg_median, stats.avg_max) == pytest.approx((0.25 / 3, 1.25 / 3, 2.5 / 3))
-    assert stats.avg_count_at_least == pytest.approx({"0.5": 7 / 3, "0.75": 1.0, "0.9": 2 / 3})
+    t3 = stats.table3
+    assert (t3["avg_min_recall"], t3["avg_median_recall"], t3["avg_max_recall"]) == pytest.approx(
+        (0.25 / 3, 1.25 / 3, 2.5 / 3))
+    assert t3["avg_count_at_least"] == pytest.approx({"0.5": 7 / 3, "0.75": 1.0, "0.9": 2 / 3})
 
 
 def test_sbpc_adaptive_graphs_keep_their_best_after_stopping_and_unscored_are_skipped():
     stats = sbpc_stats(candidates([(0.2, 0.9), (0.1, 0.3, 0.5), (None, None)]))
-    assert stats.graphs == 2 and stats.max_candidates == 3
+    assert stats.table3["graphs"] == 2 and stats.max_candidates == 3
     assert [m for _, m in stats.curve] == pytest.approx([0.15, 0.6, 0.7])
-    assert stats.avg_drawn == pytest.approx(7 / 3)  # drawn counts every graph, scored or not
+    assert stats.table3["avg_candidates_drawn"] == pytest.approx(7 / 3)  # drawn counts every graph, scored or not
     assert sbpc_stats(candidates([(None,)])) is None
 
 

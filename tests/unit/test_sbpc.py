@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sgmodel.graph import SceneGraph, SGObject
-from sgmodel.recall import RecallResult
 from sgmodel.sbpc import (
     Candidate,
     SBPCConfig,
@@ -18,6 +17,7 @@ from sgmodel.sbpc import (
     run_sbpc,
     table3_statistics,
 )
+from sgmodel.scoring import RecallResult
 
 G = [SceneGraph(id=f"g{i}", objects=(SGObject("circle"),)) for i in range(3)]
 
@@ -108,28 +108,6 @@ def test_a_draft_model_draws_the_candidates_and_the_model_renders_the_winner():
     with pytest.raises(ValueError, match="draft mode"):
         run_sbpc(G, SBPCConfig(candidates=3, final_steps=20, height=16, width=16), model.generate, model.score,
                  generate_draft=generate_draft)
-
-
-def test_a_draft_scorer_ranks_the_drafts_and_the_scorer_scores_the_finals():
-    # The ordinary scorer would pick candidate 0; the draft scorer knows candidate 2 renders better.
-    s = Scripted({(g.id, i): v for g in G for i, v in enumerate([0.8, 0.1, 0.3])})
-    drafts = Scripted({(g.id, i): v for g in G for i, v in enumerate([0.2, 0.1, 0.9])})
-    drafts.calls = s.calls
-    scored = []
-
-    def score_draft(images, graphs):
-        scored.append(len(images))
-        return drafts.score(images, graphs)
-
-    cfg = SBPCConfig(candidates=3, final_steps=20, draft_steps=2, height=16, width=16)
-    out = run_sbpc(G, cfg, s.generate, s.score, score_draft=score_draft)
-    assert scored == [9]  # only the drafts
-    assert [r.winner.index for r in out] == [2, 2, 2]
-    assert [c.result.recall for c in out[0].candidates] == [0.2, 0.1, 0.9]  # the candidates table shows draft scores
-    assert out[0].final.result.recall == pytest.approx(0.35)  # the final image: the ordinary scorer's recall
-    with pytest.raises(ValueError, match="score_draft needs draft mode"):
-        run_sbpc(G, SBPCConfig(candidates=3, final_steps=20, height=16, width=16), s.generate, s.score,
-                 score_draft=score_draft)
 
 
 def test_drafts_rank_by_recall_then_expected_recall_then_the_selection_rule():

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from sgmodel.data.geometry import relation_from_boxes, relation_holds
-from sgmodel.data.shapes import (
+from sgmodel.graph import graph_to_row, parse_graph
+from sgmodel.shapes.world import (
     CLASS_NAMES,
     COLOURS,
     PREDICATES,
@@ -24,7 +25,6 @@ from sgmodel.data.shapes import (
     render,
     shapes_sample,
 )
-from sgmodel.graph import graph_to_row, parse_graph
 
 SAMPLES = [shapes_sample(seed=11, index=i, size=32) for i in range(150)]
 
@@ -131,7 +131,7 @@ def test_image_shows_the_object_colours():
     graph, out = SAMPLES[0]
     image = np.asarray(out.image).astype(float)
     for idx, obj in enumerate(graph.objects):
-        from sgmodel.data.shapes import COLOUR_RGB
+        from sgmodel.shapes.world import COLOUR_RGB
 
         core = out.instance_map == idx + 1
         mean = image[core].mean(axis=0)

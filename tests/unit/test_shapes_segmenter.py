@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgmodel.data.shapes import CLASS_NAMES, shapes_sample
-from sgmodel.shapes_segmenter import (
+from sgmodel.shapes.segmenter import (
     EVAL_SEED,
     TINY_ARCH,
     augment,
@@ -24,6 +23,7 @@ from sgmodel.shapes_segmenter import (
     segmenter_config,
     train_segmenter,
 )
+from sgmodel.shapes.world import CLASS_NAMES, shapes_sample
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "shapes-segmenter"
 

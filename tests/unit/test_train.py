@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from sgmodel.flavours import build_pipeline
+from sgmodel.shapes.flavours import build_pipeline
 from sgmodel.train import DiffusionTrainingModule, TrainConfig, fit, merge_lora
 
 from .conftest import VOCAB, make_graphs

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
-from sgmodel.recall import SegmentationScorer
+from sgmodel.scoring import SegmentationScorer
 
 
 def test_train_demo_command_runs_and_checkpoints_load(tmp_path):

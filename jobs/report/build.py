@@ -1,25 +1,13 @@
-"""The run report: ``{run}/report.html`` with its plots and thumbnails in ``{run}/report/``.
-
-    python -m jobs.report --run out/generate/run-20261101-120000
-    sgbatch report --run s3://bucket/runs/run-20261101-120000
-
-Works for generate, SBPC and fine-tune runs, local or on S3 (read from the run, written back to
-it). The page is static and offline: no scripts, no CDN, relative links only, so it can be opened
-from disk or from a synced copy of the run. The generation jobs call :func:`build_report` at the
-end of a run; rebuilding it later (e.g. with another ``--max-images``) is cheap.
-"""
+"""Building the page: read the run, pick the images, draw plots and thumbnails, write ``report.html``."""
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from jobs.config import ConfigError, parse_config, require
-from jobs.report_data import (
+from jobs.report.data import (
     RunData,
     Selection,
     load_details,
@@ -28,8 +16,8 @@ from jobs.report_data import (
     sbpc_stats,
     select_images,
 )
-from jobs.report_graph import graph_svg
-from jobs.report_html import (
+from jobs.report.graph import graph_svg
+from jobs.report.html import (
     LEGEND,
     e,
     fmt,
@@ -41,35 +29,14 @@ from jobs.report_html import (
     table,
     thumb_html,
 )
-from jobs.report_images import ThumbnailWriter
-from workers.storage import Storage, StorageSettings, join
+from jobs.report.images import ThumbnailWriter
+from workers.storage import Storage, join
 
 logger = logging.getLogger("sgbatch")
 
 ASSETS = "report"
 """Folder of the report's files inside the run (rewritten on every build)."""
 MAX_CANDIDATE_GRAPHS = 12
-
-
-@dataclass(kw_only=True)
-class ReportConfig:
-    """Build the offline HTML report of a generate, SBPC or fine-tune run."""
-
-    run: str = ""
-    """The run folder, local or s3:// (the one holding run.json and summary.json)."""
-    max_images: int = 120
-    """Gallery images at most (a deterministic sample plus the lowest-recall ones)."""
-    max_errors: int = 200
-    """Error rows listed at most (the counts by reason always cover all of them)."""
-    s3_endpoint_url: str | None = None
-    """S3 endpoint override (default: AWS_ENDPOINT_URL); credentials come from the AWS chain."""
-    s3_region: str | None = None
-    """S3 region (default: AWS_REGION)."""
-
-    def __post_init__(self) -> None:
-        require(bool(self.run), "run", self.run, "required: a run folder or s3:// prefix")
-        require(self.max_images >= 0, "max_images", self.max_images, "must be >= 0")
-        require(self.max_errors >= 0, "max_errors", self.max_errors, "must be >= 0")
 
 
 def build_report(storage: Storage, run_uri: str, *, max_images: int = 120, max_errors: int = 200) -> str:
@@ -177,7 +144,7 @@ class _Builder:
         figures = []
         recalls = self.run.recalls
         if recalls:
-            from jobs.report_plots import histogram_counts, recall_histogram
+            from jobs.report.plots import histogram_counts, recall_histogram
 
             edges, counts = histogram_counts(recalls)
             src = self.asset("recall_hist.png", recall_histogram(recalls))
@@ -187,13 +154,13 @@ class _Builder:
         stats = self.sbpc
         body = ""
         if stats is not None:
-            from jobs.report_plots import max_recall_curve
+            from jobs.report.plots import max_recall_curve
 
             ns, means = zip(*stats.curve)
             src = self.asset("sbpc_curve.png", max_recall_curve(list(ns), list(means)))
             text = ", ".join(f"n={n}: {m:.3f}" for n, m in stats.curve)
             figures.append(f'<figure><img src="{e(src)}" width="520" height="300" alt="average max recall against '
-                           f'the number of candidates"><figcaption class="sbpc-curve">average over {stats.graphs} '
+                           f'the number of candidates"><figcaption class="sbpc-curve">average over {stats.table3["graphs"]} '
                            f"graphs of the best recall among the first n candidates: {e(text)}</figcaption></figure>")
             body += ("<h3>SBPC candidates (FG-DM Table 3 statistics)</h3>"
                      + sbpc_table(stats, (self.run.summary or {}).get("sbpc")))
@@ -206,7 +173,7 @@ class _Builder:
         metrics = self.run.metrics or []
         if not metrics:
             return self.section("training", "Training", '<p class="note">metrics.jsonl is missing or empty.</p>')
-        from jobs.report_plots import LOSS_KEYS, loss_curves
+        from jobs.report.plots import LOSS_KEYS, loss_curves
 
         src = self.asset("losses.png", loss_curves(metrics))
         last = metrics[-1]
@@ -329,22 +296,3 @@ def _candidate_graph_order(by_graph: dict[str, list[dict]]) -> list[str]:
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from jobs.generate import configure_logging
-
-    configure_logging()
-    try:
-        cfg = parse_config(ReportConfig, argv, prog="python -m jobs.report")
-        storage = Storage(StorageSettings.from_env(endpoint_url=cfg.s3_endpoint_url, region=cfg.s3_region))
-        uri = build_report(storage, cfg.run, max_images=cfg.max_images, max_errors=cfg.max_errors)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {uri}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

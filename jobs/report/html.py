@@ -15,7 +15,8 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
-from jobs.report_data import THRESHOLDS, Image, SbpcStats
+from jobs.report.data import Image, SbpcStats
+from sgmodel.sbpc import TABLE3_THRESHOLDS
 
 
 def e(value: Any) -> str:
@@ -112,9 +113,10 @@ def image_card(image: Image, thumb: tuple[str, int, int] | None, graph_svg: str)
 
 def sbpc_table(stats: SbpcStats, summary_sbpc: Mapping[str, Any] | None) -> str:
     headers = ["graphs", "candidates (N)", "avg min recall", "avg median recall", "avg max recall",
-               *[f"avg # with recall ≥ {t}" for t in THRESHOLDS], "avg candidates drawn"]
-    row = [stats.graphs, stats.max_candidates, stats.avg_min, stats.avg_median, stats.avg_max,
-           *[stats.avg_count_at_least[t] for t in THRESHOLDS], stats.avg_drawn]
+               *[f"avg # with recall ≥ {t}" for t in TABLE3_THRESHOLDS], "avg candidates drawn"]
+    t3 = stats.table3
+    row = [t3["graphs"], stats.max_candidates, t3["avg_min_recall"], t3["avg_median_recall"], t3["avg_max_recall"],
+           *[t3["avg_count_at_least"][t] for t in TABLE3_THRESHOLDS], t3["avg_candidates_drawn"]]
     out = [table(headers, [row], css_class="data sbpc-table")]
     if summary_sbpc:
         out.append("<details><summary>summary.json: sbpc</summary>" + kv_table(summary_sbpc) + "</details>")

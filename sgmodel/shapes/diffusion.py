@@ -1,6 +1,6 @@
 """Train the shapes-world scene-graph diffusion model (the project's offline demo default).
 
-The model is the ``demo`` flavour of :mod:`sgmodel.flavours` (pixel space, 32x32, ``tokens``
+The model is the ``demo`` flavour of :mod:`sgmodel.shapes.flavours` (pixel space, 32x32, ``tokens``
 conditioning), trained from scratch with :mod:`sgmodel.train` on shapes rendered on the fly:
 every step sees fresh graphs, so the model cannot memorise a finite set. Graph-only conditioning:
 the shapes captions are dropped so the model has to read the scene graph.
@@ -9,6 +9,7 @@ the shapes captions are dropped so the model has to read the scene graph.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import sys
@@ -22,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgmodel.data.shapes import COLOURS, PREDICATES, SHAPES, SIZES, shapes_sample
-from sgmodel.flavours import build_pipeline
 from sgmodel.graph import SceneGraph
+from sgmodel.optim import EMA, trainable_named
+from sgmodel.shapes.flavours import build_pipeline
+from sgmodel.shapes.world import COLOURS, PREDICATES, SHAPES, SIZES, shapes_sample
 from sgmodel.train import DiffusionTrainingModule, StepLog, TrainConfig, fit
 
 VOCABULARY = [*SHAPES, *COLOURS, *SIZES, *PREDICATES, "inside", "surrounding", "background", "a", "and"]
@@ -123,25 +125,20 @@ def train_diffusion(
     return summary
 
 
-def _save(pipe, module: DiffusionTrainingModule, ema, output_dir: Path) -> None:
-    """Save with the EMA weights swapped in, then restore the raw weights to keep training."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if ema is not None:
-        ema.store(params)
-        ema.copy_to(params)
-    pipe.save_pretrained(output_dir)
-    if ema is not None:
-        ema.restore(params)
+def _save(pipe, module: DiffusionTrainingModule, ema: EMA | None, output_dir: Path) -> None:
+    """Save with the EMA weights swapped in; the raw weights come back to keep training."""
+    with ema.applied(trainable_named(module)) if ema is not None else contextlib.nullcontext():
+        pipe.save_pretrained(output_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m sgmodel.shapes_diffusion", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sgmodel.shapes.diffusion", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="folder for the pipeline")
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--flavour", default="demo", help="model size from sgmodel.flavours (debug for smoke runs)")
+    parser.add_argument("--flavour", default="demo", help="model size from sgmodel.shapes.flavours (debug for smoke runs)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--save-every", type=int, default=500)

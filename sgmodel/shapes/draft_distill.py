@@ -29,13 +29,11 @@ from diffusers import DDIMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sgmodel.data.shapes import shapes_sample
+from sgmodel.draft import DRAFT_FILE, read_draft_config
 from sgmodel.graph import SceneGraph
+from sgmodel.optim import lr_factor
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
-from sgmodel.train import lr_factor
-
-DRAFT_FILE = "draft.json"
-"""Written into a distilled draft model's folder: teacher steps and guidance, and the draft steps."""
+from sgmodel.shapes.world import shapes_sample
 
 
 def shapes_graphs(stream: int, indices: Sequence[int]) -> list[SceneGraph]:
@@ -244,19 +242,3 @@ def _continue_from(pipe: SceneGraphDiffusionPipeline, student_dir: str | Path, d
     summary = Path(student_dir) / "training_summary.json"
     earlier = json.loads(summary.read_text()) if summary.exists() else {}
     return int(earlier.get("total_train_steps", earlier.get("train_steps", 0)))
-
-
-def read_draft_config(model_dir: str | Path) -> dict | None:
-    """``draft.json`` of a distilled draft model, or None for an ordinary model folder."""
-    path = Path(model_dir) / DRAFT_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def load_draft_model(path: str | Path) -> tuple[SceneGraphDiffusionPipeline, dict]:
-    """A distilled draft model and its ``draft.json``; a folder without one is a clear error."""
-    draft = read_draft_config(path)
-    if draft is None:
-        raise ValueError(f"{path}: no {DRAFT_FILE}, not a distilled draft model (python -m jobs.distill_draft)")
-    pipe = SceneGraphDiffusionPipeline.from_pretrained(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, draft

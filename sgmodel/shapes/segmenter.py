@@ -29,7 +29,8 @@ from scipy import ndimage
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 
-from sgmodel.data.shapes import CLASS_NAMES, object_class, shapes_sample
+from sgmodel.optim import lr_factor
+from sgmodel.shapes.world import CLASS_NAMES, object_class, shapes_sample
 
 INPUT_SIZE = 128
 """Side the processor resizes every input to; logits come out at INPUT_SIZE / 4 = 32."""
@@ -213,14 +214,6 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 5% of ``lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_segmenter(
     output_dir: str | Path,
     steps: int = 2000,
@@ -277,7 +270,7 @@ def train_segmenter(
     window_loss, window_correct, window_pixels, window_n = 0.0, 0, 0, 0
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
+            group["lr"] = lr * lr_factor(step, warmup, steps, min_ratio=0.05)
         images, labels = render_batch(seed, step * batch_size, batch_size, image_size)
         if augmentation:
             images = augment(images, generator)
@@ -410,8 +403,8 @@ def evaluate_segmenter(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m sgmodel.shapes_segmenter --output DIR --steps N``: train, save, evaluate."""
-    parser = argparse.ArgumentParser(prog="python -m sgmodel.shapes_segmenter", description=__doc__.split("\n")[0])
+    """``python -m sgmodel.shapes.segmenter --output DIR --steps N``: train, save, evaluate."""
+    parser = argparse.ArgumentParser(prog="python -m sgmodel.shapes.segmenter", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="folder to save the model and processor in")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=32, help="renders per step")
@@ -437,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         eval_seed=args.eval_seed,
         arch=TINY_ARCH if args.tiny else None,
     )
-    summary["command"] = " ".join(["python -m sgmodel.shapes_segmenter", *(argv if argv is not None else sys.argv[1:])])
+    summary["command"] = " ".join(["python -m sgmodel.shapes.segmenter", *(argv if argv is not None else sys.argv[1:])])
     (Path(args.output) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -16,7 +16,7 @@ import torch
 from sgmodel.conditioning import SceneGraphConditioner
 from sgmodel.encoder import SceneGraphEncoder
 from sgmodel.pipeline import SceneGraphDiffusionPipeline, add_gated_attention
-from sgmodel.word_tokenizer import build_word_tokenizer
+from sgmodel.shapes.tokenizer import build_word_tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)

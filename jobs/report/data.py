@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sgmodel.sbpc import table3_statistics
 from workers.storage import Storage, join
 
 LIGHT_COLUMNS = ("id", "sample_index", "image_key", "recall", "relation_score")
@@ -28,8 +28,6 @@ LIGHT_COLUMNS = ("id", "sample_index", "image_key", "recall", "relation_score")
 DETAIL_COLUMNS = ("seed", "found", "missing", "unscorable", "relations_checked", "relations_satisfied", "steps",
                   "height", "width", "gen_seconds", "graph", "candidates_drawn", "winner_candidate")
 CANDIDATE_COLUMNS = ("id", "candidate_index", "seed", "recall", "relation_score", "won", "image_key")
-THRESHOLDS = ("0.5", "0.75", "0.9")
-"""Recall thresholds of FG-DM's Table 3 ("how many of the N candidates reach t")."""
 
 
 def read_json(storage: Storage, uri: str) -> dict | None:
@@ -148,10 +146,6 @@ def select_images(index: ImageIndex, max_images: int) -> Selection:
     return Selection(total=n, gallery=shown, worst=[by_pos[int(i)] for i in worst])
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 @dataclass
 class RunData:
     """Everything the report needs from one run folder."""
@@ -246,47 +240,28 @@ def load_details(storage: Storage, run: RunData, images: Sequence[Image]) -> Non
 class SbpcStats:
     """FG-DM Table 3 statistics and the best-of-n curve, from the candidates table."""
 
-    graphs: int
-    max_candidates: int
-    curve: list[tuple[int, float]]
-    """(n, mean over graphs of the max recall among their first n candidates)."""
-    avg_min: float
-    avg_median: float
-    avg_max: float
-    avg_count_at_least: dict[str, float]
-    avg_drawn: float
+    table3: dict[str, Any]
+    """:func:`sgmodel.sbpc.table3_statistics` of the run's candidates."""
     by_graph: dict[str, list[dict]]
     """Candidates of each graph, in candidate order."""
 
+    @property
+    def curve(self) -> list[tuple[int, float]]:
+        return self.table3["best_of_n"]
+
+    @property
+    def max_candidates(self) -> int:
+        return len(self.curve)
+
 
 def sbpc_stats(candidates: pa.Table) -> SbpcStats | None:
-    """Per graph, its scored candidates in draw order; graphs with none scored are left out.
-
-    For adaptive runs a graph that stopped early before n keeps the best of what it drew: that is
-    what a budget of n candidates would have given it.
-    """
+    """Per graph, its candidates in draw order; None when no candidate was scored."""
     by_graph: dict[str, list[dict]] = defaultdict(list)
     for row in candidates.to_pylist():
         by_graph[str(row["id"])].append(row)
-    recalls = {}
-    for gid, rows in by_graph.items():
+    for rows in by_graph.values():
         rows.sort(key=lambda r: (r.get("candidate_index") or 0))
-        values = [float(r["recall"]) for r in rows if _finite(r.get("recall"))]
-        if values:
-            recalls[gid] = values
-    if not recalls:
+    table3 = table3_statistics([[r.get("recall") for r in rows] for rows in by_graph.values()])
+    if not table3["graphs"]:
         return None
-    n_max = max(len(v) for v in recalls.values())
-    curve = [(n, statistics.fmean(max(v[:n]) for v in recalls.values())) for n in range(1, n_max + 1)]
-    return SbpcStats(
-        graphs=len(recalls),
-        max_candidates=n_max,
-        curve=curve,
-        avg_min=statistics.fmean(min(v) for v in recalls.values()),
-        avg_median=statistics.fmean(statistics.median(v) for v in recalls.values()),
-        avg_max=statistics.fmean(max(v) for v in recalls.values()),
-        avg_count_at_least={t: statistics.fmean(sum(x >= float(t) for x in v) for v in recalls.values())
-                            for t in THRESHOLDS},
-        avg_drawn=statistics.fmean(len(rows) for rows in by_graph.values()),
-        by_graph=dict(by_graph),
-    )
+    return SbpcStats(table3=table3, by_graph=dict(by_graph))

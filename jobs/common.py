@@ -1,0 +1,104 @@
+"""Plumbing every job shares: logging, storage from flags, Ray start-up, model fingerprints, the CLI wrapper."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jobs.config import ConfigError, parse_config
+from workers.storage import Storage, StorageSettings
+
+logger = logging.getLogger("sgbatch")
+
+
+class RunExistsError(RuntimeError):
+    """The run folder exists and neither --resume nor --overwrite was given."""
+
+
+def configure_logging() -> None:
+    """Progress lines on stdout (what ``ray job logs`` shows), whatever logging Ray set up before."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s sgbatch %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def storage_for(config: Any) -> Storage:
+    """The storage of a job config's ``--s3-endpoint-url`` / ``--s3-region`` (and the AWS environment)."""
+    return Storage(StorageSettings.from_env(endpoint_url=config.s3_endpoint_url, region=config.s3_region))
+
+
+def fingerprint(storage: Storage, model: str) -> str:
+    """A short id of a model: its files' names, sizes and bytes locally; its file listing on S3."""
+    from workers.runtime import model_fingerprint
+
+    if model.startswith("s3://"):
+        listing = storage.list(model.rstrip("/"))
+        return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
+    return model_fingerprint(model)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("sgbatch", "ray", "torch", "diffusers", "transformers", "torch_geometric", "pyarrow", "deepspeed"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - a missing optional package is just not listed
+            continue
+    return out
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    # Ordered blocks give the generator the same batches on every run: images are only batch-invariant
+    # to ~1e-5 (kernels reduce in another order for other batch shapes), enough to flip a PNG byte.
+    ctx.execution_options.preserve_order = True
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def write_report(storage: Storage, run_uri: str, max_images: int) -> str | None:
+    """The HTML report's location; a failure to draw it never fails the run (None then)."""
+    from jobs.report import build_report
+
+    try:
+        return build_report(storage, run_uri, max_images=max_images)
+    except Exception:  # noqa: BLE001 - the data is written; the report is a convenience
+        logger.exception("could not write the report for %s", run_uri)
+        return None
+
+
+def job_main(config_cls: type, run_fn: Callable[[Any], tuple[dict, int]], argv: Sequence[str] | None,
+             prog: str) -> int:
+    """CLI front of a job: bad flags, an existing run or missing input exit 2 with the reason."""
+    configure_logging()
+    try:
+        cfg = parse_config(config_cls, argv, prog=prog)
+        _, code = run_fn(cfg)
+    except (ConfigError, RunExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return code

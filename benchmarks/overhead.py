@@ -4,7 +4,6 @@
     python benchmarks/overhead.py --rows 48 --steps 2 --rows-per-shard 16 --memory-rows 32 --memory-factor 2  # plumbing
     python benchmarks/overhead.py --skip-memory        # or --skip-throughput
     python benchmarks/overhead.py --skip-memory --workers 2 --threads-per-worker 1 --cpus-per-worker 0.3  # CPU layout
-    python benchmarks/overhead.py --skip-memory --ray-data-poll 1.0   # experiment: Ray Data's driver loop every 1 s
 
 Inputs are shapes graphs written by the project's own ``prepare shapes`` (Parquet shards of
 ``--rows-per-shard`` rows, a multiple of the batch size, so that job and bare loop see the same
@@ -629,21 +628,6 @@ def memory(args, scratch: Path) -> bool:
 # ----------------------------------------------------------------------------- main
 
 
-def set_ray_data_poll(seconds: float) -> None:
-    """Make this driver's Ray Data executor wake up every ``seconds`` instead of every 0.1 s.
-
-    Its loop waits in ``ray.wait(..., timeout=WAIT_FOR_TASK_COMPLETION_TIMEOUT_S)`` for *all* active
-    tasks, so on a busy pipeline it wakes up on the timeout; each wake-up costs driver CPU that, on
-    2 cores, preempts one of the generator's two OpenMP threads.
-    """
-    from ray.data._internal.execution import streaming_executor_state
-
-    if not hasattr(streaming_executor_state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
-        raise SystemExit("--ray-data-poll: this Ray version has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
-    streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = seconds
-    print(f"Ray Data scheduling loop: waits up to {seconds} s per step (experiment)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="pipeline folder (default: the shapes demo model)")
@@ -666,9 +650,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-interval", type=float, default=0.5, help="seconds between CPU samples (throughput)")
     parser.add_argument("--cpus", type=int, default=None, help="num_cpus of the local Ray instance (default: all)")
     parser.add_argument("--log-every", type=float, default=10.0)
-    parser.add_argument("--ray-data-poll", type=float, default=None, metavar="SECONDS",
-                        help="experiment: the driver's Ray Data scheduling loop waits this long for finished tasks "
-                             "(a private Ray constant, 0.1 s by default; the job itself never changes it)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the inputs and outputs (printed at the end)")
@@ -682,8 +663,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rows-per-shard must be a multiple of --batch-size")
     if args.rows < (args.small_rows or 2 * args.batch_size) + args.batch_size:
         parser.error("--rows must exceed --small-rows (default: 2 batches) by at least one batch")
-    if args.ray_data_poll is not None:
-        set_ray_data_poll(args.ray_data_poll)
     if args.child_run:
         return child_run(args)
 

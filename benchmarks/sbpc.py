@@ -1,4 +1,4 @@
-"""SBPC on the shapes demo model (issue 6): N=1 vs naive best-of-N vs draft vs adaptive, side by side.
+"""SBPC on the shapes demo model: N=1 vs naive best-of-N vs draft vs adaptive, side by side.
 
     python benchmarks/sbpc.py [--count 100] [--candidates 8] [--final-steps 25] [--draft-steps 3]
         [--draft-size PX] [--draft-model PATH] [--final-candidates 4]
@@ -35,8 +35,8 @@ best candidate's); "avg max cand." is the best candidate's recall (for draft row
 The relation score is averaged over outputs with at least one checkable relation.
 
 Then FG-DM's Table 3 at two step counts: per graph, candidates 0..9 at full size; N=1 and N=5 are
-prefixes of the same candidate lists. Prints both tables and the issue's targets with the measured
-values; ``--markdown`` writes the tables for the README, ``--json`` every figure.
+prefixes of the same candidate lists. Prints both tables and the targets with the measured
+values; ``--markdown`` writes the tables for docs/benchmarks.md, ``--json`` every figure.
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def targets(rows: list[Row], figures: dict, n: int) -> list[dict]:
                         f"{ref['avg_recall']:.3f}",
             "pass": ad["avg_candidates_drawn"] < n and ad["avg_recall"] >= ref["avg_recall"] - 1e-9,
         })
-    for row in rows[5:]:  # the other draft rows (≤M finals, distilled): the issue's draft targets again
+    for row in rows[5:]:  # the other draft rows (≤M finals, distilled): the draft targets again
         if row.config.adaptive_drafts:
             continue
         d = f[row.name]
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / DEMO_MODEL))
     parser.add_argument("--segmenter", default=str(ROOT / DEMO_SEGMENTER))
-    parser.add_argument("--count", type=int, default=100, help="held-out graphs (>= 100 for the issue's figures)")
+    parser.add_argument("--count", type=int, default=100, help="held-out graphs (100 for docs/benchmarks.md)")
     parser.add_argument("--stream", type=int, default=HELD_OUT_SEED, help="held-out shapes stream")
     parser.add_argument("--seed", type=int, default=JOB_SEED, help="base seed of the candidate seeds (job: --seed)")
     parser.add_argument("--candidates", type=int, default=8, help="N of the naive, draft and adaptive rows")
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--table3-count", type=int, default=None, help="graphs in Table 3 (default: --count)")
     parser.add_argument("--batch-size", type=int, default=JOB_BATCH, help="graphs per run_sbpc call (job: --batch-size)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown (README)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown (docs/benchmarks.md)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure as JSON")
     args = parser.parse_args(argv)
     args.guided_finals = args.guided_finals or args.candidates

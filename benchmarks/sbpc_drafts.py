@@ -1,4 +1,4 @@
-"""How well does a cheap draft predict the final image's recall? (Issue 6: draft SBPC's recall target.)
+"""How well does a cheap draft predict the final image's recall? (Draft SBPC's recall target.)
 
     python benchmarks/sbpc_drafts.py [--count 32] [--start 0] [--candidates 8] [--final-steps 25] [--draft-steps 3]
         [--prefix-steps 3 4 6] [--small-drafts 32:6 32:10 16:6 16:10] [--skip-dpm] [--draft-model PATH]

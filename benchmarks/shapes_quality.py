@@ -1,4 +1,4 @@
-"""Measured quality of the shapes demo checkpoints on held-out graphs (issue 4).
+"""Measured quality of the shapes demo checkpoints on held-out graphs.
 
     python benchmarks/shapes_quality.py [--count 200] [--model models/shapes-sg-diffusion]
         [--segmenter models/shapes-segmenter] [--steps 25] [--guidance 3] [--grid docs/samples.png]
@@ -39,7 +39,7 @@ HELD_OUT_SEED = 2_000_029
 
 
 def write_json(path: Path, figures: dict) -> None:
-    """Every figure of a benchmark run, for the README and for comparing runs."""
+    """Every figure of a benchmark run, for docs/benchmarks.md and for comparing runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2))
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models/shapes-sg-diffusion"))
     parser.add_argument("--segmenter", default=str(ROOT / "models/shapes-segmenter"))
-    parser.add_argument("--count", type=int, default=200, help="held-out graphs (>= 200 for the issue's figures)")
+    parser.add_argument("--count", type=int, default=200, help="held-out graphs (200 for docs/benchmarks.md)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="held-out shapes stream")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=3.0)

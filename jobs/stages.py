@@ -91,8 +91,7 @@ def actor_pool(**sizes):
 
     By default Ray Data calls an actor's ``__call__`` on a helper thread (to overlap batching,
     which only helps with ``max_concurrency`` > 1, not used here). Torch's OpenMP kernels run
-    slower from that second thread: on 2 CPUs the same render used 1.3-1.5 cores instead of 2
-    and took 20-50% longer (in and outside Ray). With max_concurrency 1 (the default) "true
+    slower from that second thread (they no longer keep every core busy). With max_concurrency 1 (the default) "true
     multi-threading" just means the call runs on the actor's own thread, one at a time. Ray
     versions without the option keep their default.
     """

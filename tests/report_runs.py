@@ -1,8 +1,8 @@
-"""Run folders for the report tests, written without Ray: an SBPC run (the lead's contract) and a fine-tune folder.
+"""Run folders for the report tests, written without Ray: an SBPC run and a fine-tune folder.
 
 Images are real shapes-world renders (so screenshots show recognisable pictures); recall values
-are chosen by the test so the report's statistics can be checked by hand. The SBPC layout follows
-the contract in the report issue: metadata rows with ``candidates_drawn``/``winner_candidate`` and
+are chosen by the test so the report's statistics can be checked by hand. The SBPC layout is the
+job's: metadata rows with ``candidates_drawn``/``winner_candidate`` and
 a ``candidates/`` table with one row per candidate.
 """
 

@@ -48,8 +48,8 @@ def keep_freed_memory() -> bool:
     A render on the CPU frees and re-allocates the same large activation buffers at every step.
     Blocks above glibc's mmap threshold (at most 32 MiB, however it adapts) are unmapped on free and
     page-faulted in again, zeroed, on the next allocation; so is the top of the heap once it is
-    trimmed. With the demo model that was ~150k page faults/s and 15% of the render's CPU in the
-    kernel (``benchmarks/overhead.py``). A worker serving batch after batch reaches its peak memory
+    trimmed, so a CPU render spends a large share of its time in page faults (see
+    docs/benchmarks.md, job overhead). A worker serving batch after batch reaches its peak memory
     anyway, so holding it costs nothing. Called once per CPU worker process; GPU memory is managed by
     torch's own caching allocator. Returns whether the settings took (glibc only).
     """

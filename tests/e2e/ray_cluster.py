@@ -1,6 +1,6 @@
 """A private single-node Ray cluster started with the real ``ray start --head`` CLI, for end-to-end tests.
 
-Isolation from any other Ray on the machine (another engineer's job, the in-process ``local_ray``
+Isolation from any other Ray on the machine (another user's job, the in-process ``local_ray``
 fixture, a developer's ``ray start``):
 
 - every port is chosen free up front (GCS, dashboard, dashboard agent, runtime-env agent, metrics,

@@ -27,7 +27,7 @@ ANIMALS = {0: "background", 1: "cat", 2: "dog", 3: "table"}
 SHAPES_COLOURS = ("red", "green", "blue", "yellow", "purple")
 SHAPES_KINDS = ("circle", "square", "triangle")
 SHAPES_ID2LABEL = dict(enumerate(["background"] + [f"{c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]))
-"""The shapes world's segmenter classes as its engineer specified them (0 background, then colour + shape)."""
+"""The shapes world's segmenter classes (0 background, then colour + shape), written out by hand."""
 
 
 def canvas(size: int = 50) -> np.ndarray:

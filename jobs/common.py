@@ -37,7 +37,7 @@ def storage_for(config: Any) -> Storage:
 
 def fingerprint(storage: Storage, model: str) -> str:
     """A short id of a model: its files' names, sizes and bytes locally; its file listing on S3."""
-    from workers.runtime import model_fingerprint
+    from sgmodel.fingerprint import model_fingerprint
 
     if model.startswith("s3://"):
         listing = storage.list(model.rstrip("/"))

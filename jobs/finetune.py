@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -66,8 +67,12 @@ class FinetuneConfig(TrainConfig):
     """Folder or s3:// prefix for the exported pipeline, run.json, metrics.jsonl, summary.json."""
     checkpoints: str | None = None
     """Ray Train storage path for checkpoints (default: {output}/checkpoints)."""
-    conditioning: Literal["auto", "tokens", "gated"] = "auto"
-    """Conditioning of a Stable Diffusion base (auto = tokens); a scene-graph base keeps its own."""
+    conditioning: Literal["auto", "tokens", "gated", "caption"] = "auto"
+    """Conditioning to train: auto keeps a scene-graph base's own (tokens for a Stable Diffusion base);
+    another mode converts the base (gated adds GLIGEN layers with zero gates and a layout head;
+    caption conditions on the caption alone, a text-prompt baseline)."""
+    layout_channels: int = 8
+    """Layout canvas channels the UNet takes when the base becomes gated (0: grounding tokens only)."""
     zero_stage: Literal[1, 2, 3] = 2
     """DeepSpeed ZeRO stage (3 partitions parameters too, for models that do not fit one device)."""
     offload: Literal["none", "cpu"] = "none"
@@ -146,6 +151,7 @@ class FinetuneConfig(TrainConfig):
                      "log_every", "shuffle_buffer", "report_max_images"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.steps is None or self.steps >= 1, "steps", self.steps, "must be >= 1")
+        require(self.layout_channels >= 0, "layout_channels", self.layout_channels, "must be >= 0")
         require(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be > 0")
         require((self.steps is None) != (self.epochs is None), "steps", self.steps,
                 f"give exactly one of --steps and --epochs (got --epochs {self.epochs!r})")
@@ -346,6 +352,8 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     started = time.perf_counter()
     storage = storage_for(cfg)
     base_kind, model_size = inspect_base(storage, cfg.base)
+    require(not (base_kind == "stable_diffusion" and cfg.conditioning == "caption"), "conditioning", cfg.conditioning,
+            "a Stable Diffusion base is text-conditioned already; caption mode converts scene-graph bases")
     if base_kind == "scene_graph" and cfg.image_encoder and cfg.lambda_recon < 1.0:
         logger.info("alignment losses on a scene-graph base need its graph encoder to have a projection")
     image_size = cfg.image_size or model_size
@@ -366,6 +374,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     steps = cfg.steps or train_loop.steps_for_epochs(cfg.epochs, train_rows, global_batch)
     settings = train_loop.WorkerSettings(
         base=cfg.base, base_kind=base_kind, conditioning=None if cfg.conditioning == "auto" else cfg.conditioning,
+        layout_channels=cfg.layout_channels,
         image_encoder=cfg.image_encoder, train=cfg.train_config(), deepspeed=ds_config, steps=steps, lr=cfg.lr,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, image_size=image_size, use_gpu=cfg.use_gpu,
         threads=cfg.threads_per_worker, seed=cfg.seed, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
@@ -412,6 +421,8 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     elapsed = time.perf_counter() - started
     summary = summarize(cfg, final, steps, elapsed, error)
     storage.write_text(join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
+    if error is None:
+        write_training_summary(storage, cfg, summary, run_info)
     if error is None and cfg.report:
         write_report(storage, cfg.output, cfg.report_max_images)
     print_result(cfg, summary)
@@ -432,6 +443,36 @@ def summarize(cfg: FinetuneConfig, final: dict, steps: int, elapsed: float, erro
         "workers": final.get("world_size", cfg.workers), "bad_rows": sum(bad.values()), "bad_rows_by_reason": bad,
         "elapsed_seconds": round(elapsed, 2),
     }
+
+
+def command_line() -> str:
+    """How this process was started, as a shell line (``python -m jobs.finetune …`` for the module)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("jobs", "finetune.py")):
+        argv = ["python", "-m", "jobs.finetune", *argv[1:]]
+    return shlex.join(argv)
+
+
+def write_training_summary(storage: Storage, cfg: FinetuneConfig, summary: dict, run_info: dict) -> None:
+    """``training_summary.json`` beside the exported model: how to make it again (the command, seed,
+    versions, the training data and how that was made) and how the run went (losses per window)."""
+    data = {"train": cfg.train, "rows": run_info["train_rows"], "val": cfg.val}
+    for name in ("train", "val"):
+        uri = getattr(cfg, name)
+        made_by = join(uri, "_summary.json") if uri else None  # what jobs.prepare wrote beside the table
+        if made_by and storage.exists(made_by):
+            data[f"{name}_prepared_by"] = json.loads(storage.read_text(made_by)).get("config")
+    history_uri = join(cfg.output, "metrics.jsonl")
+    history = ([json.loads(line) for line in storage.read_text(history_uri).splitlines() if line.strip()]
+               if storage.exists(history_uri) else [])
+    record = {
+        "command": command_line(),
+        "seed": cfg.seed, "steps": summary["steps"], "global_batch": run_info["global_batch"],
+        "base": cfg.base, "base_fingerprint": run_info["base_fingerprint"], "config": dataclasses.asdict(cfg),
+        "data": data, "versions": run_info["versions"], "final_losses": summary["final_losses"],
+        "train_seconds": summary["train_seconds"], "history": history,
+    }
+    storage.write_text(join(cfg.output, "training_summary.json"), json.dumps(record, indent=2, default=str) + "\n")
 
 
 def print_result(cfg: FinetuneConfig, summary: dict) -> None:

@@ -98,6 +98,9 @@ class GenerateConfig:
     """Weights/activations dtype: auto = fp16 on GPU, fp32 on CPU."""
     compile: bool = False
     """torch.compile the UNet (GPU runs; the first batches pay the compile time)."""
+    layout: Literal["sample", "mean"] = "sample"
+    """Layout-grounded models, graphs without boxes: draw each image's layout from the layout distribution
+    with the image's seed (sample), or start from the mean layout (mean). Boxes a row carries always win."""
     max_objects: int = 64
     """Reject graphs with more objects."""
     max_relations: int = 256

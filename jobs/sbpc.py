@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jobs import generate
 from jobs.common import job_main
-from jobs.config import require
+from jobs.config import ConfigError, require
 from jobs.defaults import resolve
 from jobs.generate import GenerateConfig
 from jobs.stages import (
@@ -37,7 +37,8 @@ from jobs.stages import (
     sink_stage,
 )
 from jobs.summary import read_table
-from sgmodel.draft import read_draft_config
+from sgmodel.draft import check_draft_teacher, read_draft_config
+from sgmodel.fingerprint import model_fingerprint
 from sgmodel.sbpc import table3_statistics
 from workers.schema import CANDIDATES_SCHEMA, SBPC_METADATA_SCHEMA
 
@@ -90,8 +91,14 @@ class SBPCJobConfig(GenerateConfig):
         require(self.draft_model is None or self.draft_size is None, "draft_size", self.draft_size,
                 "cannot be combined with --draft-model (it drafts at the size it learnt)")
         if self.draft_model and Path(resolve(self.draft_model)).is_dir():  # s3:// models are checked on the actors
-            require(read_draft_config(resolve(self.draft_model)) is not None, "draft_model", self.draft_model,
+            draft = read_draft_config(resolve(self.draft_model))
+            require(draft is not None, "draft_model", self.draft_model,
                     "has no draft.json: not a distilled draft model (make one with python -m jobs.distill_draft)")
+            if Path(resolve(self.model)).is_dir():
+                try:
+                    check_draft_teacher(draft, self.draft_model, model_fingerprint(resolve(self.model)))
+                except ValueError as err:
+                    raise ConfigError(f"--draft-model = {self.draft_model!r}: {err}") from None
         require(self.target_recall is None or 0 <= self.target_recall <= 1, "target_recall", self.target_recall,
                 "must be in [0, 1]")
         require(self.round_size >= 1, "round_size", self.round_size, "must be >= 1")

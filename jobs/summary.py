@@ -52,12 +52,17 @@ def recall_stats(values: list[float]) -> dict:
 
 def summarize(storage: Storage, run_uri: str, rows_in: int, extra: dict | None = None) -> dict:
     meta = read_table(storage, f"{run_uri}/metadata", METADATA_SCHEMA,
-                      ["id", "sample_index", "recall", "relation_score", "gen_seconds", "score_seconds"])
+                      ["id", "sample_index", "recall", "relation_score", "relations_checked", "relations_satisfied",
+                       "precision", "extra_objects", "gen_seconds", "score_seconds"])
     errors = read_table(storage, f"{run_uri}/errors", ERRORS_SCHEMA, ["id", "code"])
     ids = meta.column("id").to_pylist()
     generated_rows = len(set(ids))
     recall = [v for v in meta.column("recall").to_pylist() if v is not None]
     relation = [v for v in meta.column("relation_score").to_pylist() if v is not None and not math.isnan(v)]
+    precision = [v for v in meta.column("precision").to_pylist() if v is not None]
+    extras = [len(v) for v in meta.column("extra_objects").to_pylist() if v is not None]
+    checked = sum(v or 0 for v in meta.column("relations_checked").to_pylist())
+    satisfied = sum(v or 0 for v in meta.column("relations_satisfied").to_pylist())
     gen = [v for v in meta.column("gen_seconds").to_pylist() if v is not None]
     score = [v for v in meta.column("score_seconds").to_pylist() if v is not None]
     by_reason = Counter(errors.column("code").to_pylist())
@@ -71,6 +76,12 @@ def summarize(storage: Storage, run_uri: str, rows_in: int, extra: dict | None =
         "error_fraction": errors.num_rows / rows_in if rows_in else 0.0,
         "recall": recall_stats(recall),
         "relation_score": {"count": len(relation), "mean": float(np.mean(relation)) if relation else None},
+        # satisfied / checked spatial relations over all images (each relation weighs the same)
+        "relation_accuracy": {"checked": checked, "accuracy": satisfied / checked if checked else None},
+        "precision": {"count": len(precision), "mean": float(np.mean(precision)) if precision else None},
+        "extra_objects": {"total": int(sum(extras)),
+                          "images_with_extras": int(sum(n > 0 for n in extras)),
+                          "fraction_without_extras": float(np.mean([n == 0 for n in extras])) if extras else None},
         "seconds_per_image": {
             "generate": float(np.mean(gen)) if gen else None,
             "score": float(np.mean(score)) if score else None,

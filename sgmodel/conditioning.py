@@ -6,8 +6,13 @@ Two modes (config ``mode``):
   an optional caption's token embeddings are appended.
 - ``gated`` (GLIGEN): the same context, plus grounding tokens — graph node features ⊕ the object's
   label embedding, with its xyxy box — for diffusers' gated self-attention (``attention_type="gated"``);
-  the UNet's ``position_net`` Fourier-embeds the boxes. A layout head regresses boxes from node
-  features for objects whose graph has none.
+  the UNet's ``position_net`` Fourier-embeds the boxes. With ``layout_channels`` K > 0, each object's
+  K layout features are also painted into its box on a canvas the UNet takes as K extra input
+  channels (GLIGEN's route for spatially aligned conditions). A layout head predicts a box
+  distribution from node features (:mod:`sgmodel.layout`) for objects whose graph has no boxes;
+  each image draws its layout from it with its own seed.
+- ``caption``: the caption's token embeddings alone (a text-prompted baseline on the same text
+  encoder: the graph is encoded but not shown to the UNet).
 Learned null tokens stand in for the condition in classifier-free guidance.
 """
 
@@ -24,9 +29,25 @@ from torch_geometric.utils import scatter, to_dense_batch
 
 from sgmodel.encoder import GraphEncoding, SceneGraphEncoder, mlp
 from sgmodel.graph import SceneGraph, to_pyg_batch
+from sgmodel.layout import LayoutHead, layouts_for, mean_boxes, paint_canvas
 from sgmodel.text import TextEmbedder
 
-MODES = ("tokens", "gated")
+MODES = ("tokens", "gated", "caption")
+
+
+@dataclass
+class LayoutInputs:
+    """What an image's layout is drawn from, per row, padded to the most objects of a row (Nmax)."""
+
+    params: torch.Tensor
+    """Layout head output [B, Nmax, 8] (see :func:`sgmodel.layout.box_distribution`)."""
+    given: torch.Tensor
+    """Which objects carry their own box [B, Nmax] (bool); padding slots count as given."""
+    given_boxes: torch.Tensor
+    """Those boxes, xyxy [B, Nmax, 4]."""
+
+    def index(self, rows: torch.Tensor) -> LayoutInputs:
+        return LayoutInputs(self.params[rows], self.given[rows], self.given_boxes[rows])
 
 
 @dataclass
@@ -41,14 +62,36 @@ class Condition:
     """GLIGEN inputs: boxes [B, M, 4], masks [B, M], positive_embeddings [B, M, C]; None in tokens mode."""
     global_: torch.Tensor | None = None
     """Global graph vectors [B, D] (for the alignment losses)."""
-    predicted_boxes: torch.Tensor | None = None
-    """Layout-head boxes [N, 4] for all objects of the batch (for the layout loss)."""
+    layout_head_output: torch.Tensor | None = None
+    """Layout head output [N, 8] for all objects of the batch (for the layout loss)."""
+    layout_features: torch.Tensor | None = None
+    """Per grounding slot, the features painted on the layout canvas [B, M, K] (gated with K > 0)."""
+    layout: LayoutInputs | None = None
+    """Gated mode: what the images' layouts are drawn from."""
 
     def index(self, rows: torch.Tensor) -> Condition:
         """Select / repeat rows (e.g. one row per image when a graph yields several images)."""
         grounding = {k: v[rows] for k, v in self.grounding.items()} if self.grounding else None
         global_ = self.global_[rows] if self.global_ is not None else None
-        return replace(self, context=self.context[rows], mask=self.mask[rows], grounding=grounding, global_=global_)
+        features = self.layout_features[rows] if self.layout_features is not None else None
+        layout = self.layout.index(rows) if self.layout is not None else None
+        return replace(self, context=self.context[rows], mask=self.mask[rows], grounding=grounding, global_=global_,
+                       layout_features=features, layout=layout)
+
+    def with_boxes(self, boxes: torch.Tensor) -> Condition:
+        """The grounding boxes replaced by ``boxes`` [B, >= M, 4] xyxy (e.g. each image's drawn layout)."""
+        m = self.grounding["boxes"].shape[1]
+        fitted = boxes[:, :m].to(self.grounding["boxes"])
+        if fitted.shape[1] < m:
+            fitted = torch.cat([fitted, fitted.new_zeros(fitted.shape[0], m - fitted.shape[1], 4)], 1)
+        return replace(self, grounding={**self.grounding, "boxes": fitted})
+
+    def canvas(self, height: int, width: int) -> torch.Tensor | None:
+        """The layout canvas [B, K, height, width], or None without layout channels."""
+        if self.layout_features is None:
+            return None
+        return paint_canvas(self.grounding["boxes"].to(self.layout_features), self.grounding["masks"],
+                            self.layout_features, height, width)
 
     def unet_kwargs(self) -> dict:
         kwargs = {"encoder_hidden_states": self.context, "encoder_attention_mask": self.mask}
@@ -73,20 +116,10 @@ def concat_conditions(first: Condition, second: Condition) -> Condition:
     grounding = None
     if first.grounding is not None and second.grounding is not None:
         grounding = {k: torch.cat([first.grounding[k], second.grounding[k]]) for k in first.grounding}
-    return Condition(torch.cat([a_ctx, b_ctx]), torch.cat([a_mask, b_mask]), grounding)
-
-
-class LayoutHead(nn.Module):
-    """sg2im-style box regression from node features: [N, D] -> normalised xyxy [N, 4]."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.net = mlp([dim, hidden_dim, 4])
-
-    def forward(self, nodes: torch.Tensor) -> torch.Tensor:
-        cx, cy, w, h = self.net(nodes).sigmoid().unbind(-1)
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-        return boxes.clamp(0.0, 1.0)
+    features = None
+    if first.layout_features is not None and second.layout_features is not None:
+        features = torch.cat([first.layout_features, second.layout_features])
+    return Condition(torch.cat([a_ctx, b_ctx]), torch.cat([a_mask, b_mask]), grounding, layout_features=features)
 
 
 class SceneGraphConditioner(ModelMixin, ConfigMixin):
@@ -104,12 +137,19 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
         use_caption: bool = True,
         text_pooling: str = "eos",
         max_grounding_tokens: int = 30,
+        layout_channels: int = 0,
+        layout_max_overlap: float = 0.2,
     ) -> None:
+        """``layout_channels``: K canvas channels the UNet takes after its latent channels (gated mode);
+        ``layout_max_overlap``: the largest IoU a drawn layout may give two objects that no
+        inside/surrounding relation nests (see :func:`sgmodel.layout.sample_layout`)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if text_pooling not in ("eos", "mean"):
             raise ValueError(f"text_pooling must be 'eos' or 'mean', got {text_pooling!r}")
+        if layout_channels < 0 or (layout_channels and mode != "gated"):
+            raise ValueError(f"layout_channels must be >= 0 and needs mode 'gated', got {layout_channels!r} ({mode!r})")
         self.object_tokens = mlp([text_dim + graph_dim, hidden_dim, cross_attention_dim])
         self.triple_tokens = mlp([graph_dim, hidden_dim, cross_attention_dim])
         self.global_token = mlp([graph_dim, hidden_dim, cross_attention_dim])
@@ -117,12 +157,12 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
         # Which kind each token is (global, object, triple, caption): keys carry no position otherwise.
         self.token_type = nn.Parameter(torch.randn(4, cross_attention_dim) * 0.02)
         self.null_tokens = nn.Parameter(torch.randn(num_null_tokens, cross_attention_dim) * 0.02)
+        self.grounding = self.layout_head = self.layout_features = None
         if mode == "gated":
             self.grounding = mlp([graph_dim + text_dim, hidden_dim, cross_attention_dim])
             self.layout_head = LayoutHead(graph_dim, hidden_dim)
-        else:
-            self.grounding = None
-            self.layout_head = None
+            if layout_channels:
+                self.layout_features = mlp([graph_dim + text_dim, hidden_dim, layout_channels])
 
     def forward(
         self,
@@ -167,31 +207,53 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
                 unused = self.caption_tokens(glob.new_zeros(0, self.caption_tokens.in_features))
                 parts[0] = parts[0] + 0.0 * unused.sum()
 
-        cond = Condition(
-            context=torch.cat(parts, 1), mask=torch.cat(masks, 1), global_=encoding.global_, predicted_boxes=None
-        )
+        if self.config.mode == "caption":
+            return self._caption_only(parts, masks, caption_mask is not None, encoding.global_, g)
+        cond = Condition(context=torch.cat(parts, 1), mask=torch.cat(masks, 1), global_=encoding.global_)
         if self.config.mode == "gated":
             cond = self._add_grounding(cond, encoding, label_emb, boxes, has_box, g)
         return cond
 
+    def _caption_only(self, parts: list[torch.Tensor], masks: list[torch.Tensor], has_caption: bool,
+                      global_: torch.Tensor, g: int) -> Condition:
+        """The caption tokens as the whole context (null tokens where a batch has no caption); the graph
+        tokens enter with weight 0 (a gradient for every parameter, see forward)."""
+        unused = 0.0 * sum(p.sum() for p in (parts[:-1] if has_caption else parts))
+        if has_caption:
+            context, mask = parts[-1], masks[-1]
+        else:
+            context = self.null_tokens.unsqueeze(0).expand(g, -1, -1)
+            mask = torch.ones(g, context.shape[1], dtype=torch.bool, device=context.device)
+        return Condition(context=context + unused, mask=mask, global_=global_)
+
     def _add_grounding(self, cond, encoding, label_emb, boxes, has_box, g) -> Condition:
-        predicted = self.layout_head(encoding.objects)  # [N, 4]
-        use_boxes = torch.where(has_box.unsqueeze(-1), boxes.to(predicted), predicted)
-        feats = self.grounding(torch.cat([encoding.objects, label_emb.to(encoding.objects)], -1))
+        params = self.layout_head(encoding.objects)  # [N, 8]
+        boxes = boxes.to(params)
+        use_boxes = torch.where(has_box.unsqueeze(-1), boxes, mean_boxes(params))  # the mean layout until drawn
+        inputs = torch.cat([encoding.objects, label_emb.to(encoding.objects)], -1)
         m = self.config.max_grounding_tokens
-        feats_dense, ground_mask = to_dense_batch(feats, encoding.object_batch, batch_size=g, max_num_nodes=m)
-        boxes_dense, _ = to_dense_batch(use_boxes, encoding.object_batch, batch_size=g, max_num_nodes=m)
-        pad = m - feats_dense.shape[1]  # GLIGEN expects a fixed number of grounding slots
-        if pad > 0:
-            feats_dense = torch.cat([feats_dense, feats_dense.new_zeros(g, pad, feats_dense.shape[-1])], 1)
-            boxes_dense = torch.cat([boxes_dense, boxes_dense.new_zeros(g, pad, 4)], 1)
-            ground_mask = torch.cat([ground_mask, ground_mask.new_zeros(g, pad)], 1)
+        batch = encoding.object_batch
+
+        def slots(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """[N, F] -> [G, M, F] and mask [G, M]: GLIGEN expects a fixed number of grounding slots."""
+            dense, mask = to_dense_batch(values, batch, batch_size=g, max_num_nodes=m)
+            pad = m - dense.shape[1]
+            if pad > 0:
+                dense = torch.cat([dense, dense.new_zeros(g, pad, dense.shape[-1])], 1)
+                mask = torch.cat([mask, mask.new_zeros(g, pad)], 1)
+            return dense, mask
+
+        feats_dense, ground_mask = slots(self.grounding(inputs))
         grounding = {
-            "boxes": boxes_dense,
+            "boxes": slots(use_boxes)[0],
             "masks": ground_mask.to(feats_dense.dtype),
             "positive_embeddings": feats_dense,
         }
-        return replace(cond, grounding=grounding, predicted_boxes=predicted)
+        features = slots(self.layout_features(inputs))[0] if self.layout_features is not None else None
+        params_dense, real = to_dense_batch(params, batch, batch_size=g)  # [G, Nmax, 8]
+        given = to_dense_batch(has_box, batch, batch_size=g)[0] | ~real
+        layout = LayoutInputs(params_dense, given, to_dense_batch(boxes, batch, batch_size=g)[0])
+        return replace(cond, grounding=grounding, layout_head_output=params, layout_features=features, layout=layout)
 
     def null_condition(self, batch_size: int, like: Condition | None = None) -> Condition:
         """The unconditional input: null tokens only (mask hides any padding); grounding all empty."""
@@ -206,7 +268,10 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
                 "masks": null.new_zeros(batch_size, m),
                 "positive_embeddings": null.new_zeros(batch_size, m, dim),
             }
-        return Condition(null, mask, grounding)
+        features = None
+        if self.layout_features is not None:
+            features = null.new_zeros(batch_size, self.config.max_grounding_tokens, self.config.layout_channels)
+        return Condition(null, mask, grounding, layout_features=features)
 
     def drop(self, cond: Condition, drop_mask: torch.Tensor) -> Condition:
         """Replace the rows where ``drop_mask`` [B] is True by the null condition (CFG training)."""
@@ -219,13 +284,31 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
         keep = ~drop_mask
         context = torch.where(keep[:, None, None], ctx, nctx)
         new_mask = torch.where(keep[:, None], mask, nmask)
+        def keep_rows(value: torch.Tensor, instead: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep.view(-1, *([1] * (value.dim() - 1))), value, instead.to(value.dtype))
+
         grounding = None
         if cond.grounding is not None:
-            grounding = {
-                k: torch.where(keep.view(-1, *([1] * (v.dim() - 1))), v, null.grounding[k].to(v.dtype))
-                for k, v in cond.grounding.items()
-            }
-        return replace(cond, context=context, mask=new_mask, grounding=grounding)
+            grounding = {k: keep_rows(v, null.grounding[k]) for k, v in cond.grounding.items()}
+        features = None
+        if cond.layout_features is not None:
+            features = keep_rows(cond.layout_features, null.layout_features)
+        return replace(cond, context=context, mask=new_mask, grounding=grounding, layout_features=features)
+
+    def draw_layouts(self, cond: Condition, graphs: Sequence[SceneGraph], rows: Sequence[int], seeds: Sequence[int],
+                     mode: str = "sample") -> Condition:
+        """Each image's grounding boxes drawn from the layout distribution with its seed (image b shows
+        ``graphs[rows[b]]``); boxes the graphs carry are kept. ``cond`` has one row per image."""
+        if cond.layout is None or bool(cond.layout.given.all()):
+            return cond
+        per_graph = {}
+        for b, g in enumerate(rows):
+            per_graph.setdefault(g, b)
+        first = torch.tensor([per_graph[g] for g in range(len(graphs))])
+        lay = cond.layout.index(first.to(cond.layout.params.device))
+        boxes = layouts_for(graphs, rows, seeds, lay.params, lay.given, lay.given_boxes, mode=mode,
+                            max_overlap=self.config.layout_max_overlap)
+        return cond.with_boxes(boxes)
 
 
 def encode_graphs(

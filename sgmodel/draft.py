@@ -22,6 +22,16 @@ def read_draft_config(model_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def check_draft_teacher(draft: dict, draft_path: str, teacher_fingerprint: str) -> None:
+    """Refuse a draft model that learnt another model's renders (its ``teacher_fingerprint`` must match)."""
+    learnt = draft.get("teacher_fingerprint")
+    if learnt != teacher_fingerprint:
+        raise ValueError(
+            f"draft model {draft_path!r} learnt the renders of {draft.get('teacher')!r} (fingerprint {learnt}), "
+            f"not of this model (fingerprint {teacher_fingerprint}): distil one from it with python -m jobs.distill_draft"
+        )
+
+
 def load_draft_model(path: str | Path) -> tuple[SceneGraphDiffusionPipeline, dict]:
     """A distilled draft model and its ``draft.json``; a folder without one is a clear error."""
     draft = read_draft_config(path)

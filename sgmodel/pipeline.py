@@ -89,6 +89,11 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the noise the sampler denoises (the UNet may take layout channels on top)."""
+        return int(self.unet.config.out_channels)
+
+    @property
     def size_multiple(self) -> int:
         """Height/width must be multiples of this (VAE downsampling times UNet downsampling)."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -164,7 +169,7 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ sampling
     def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
         """Unit Gaussian noise [B, C, h, w] from one CPU generator per image: the same on any device, in any batch."""
-        shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
     def prepare_latents(self, seeds: Sequence[int], height: int, width: int, dtype, device) -> torch.Tensor:
@@ -228,12 +233,16 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         image: Any = None,
         strength: float = 1.0,
+        layout: str = "sample",
     ) -> SceneGraphPipelineOutput | tuple:
         """``image`` + ``strength`` (image-to-image, as diffusers' img2img): start from ``image``, one per
         output image, noised with each seed's own noise to the ``strength`` fraction of the schedule,
         and run only the last ``int(num_inference_steps * strength)`` steps. The seed's own noise keeps
         the start on the path the sampler would take from that seed, so an image that predicts the
-        seed's final image (a draft) is finished into it (SBPC's draft-guided finals)."""
+        seed's final image (a draft) is finished into it (SBPC's draft-guided finals).
+
+        ``layout`` (gated models, objects without boxes): ``"sample"`` draws each image's layout from
+        the layout distribution with the image's seed; ``"mean"`` starts from the mean layout."""
         # 0. Defaults and validation.
         height = height or self.default_size
         width = width or self.default_size
@@ -252,14 +261,16 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
         do_cfg = guidance_scale > 1.0
 
-        # 1. Encode the graphs once; repeat the condition for each image of a graph.
+        # 1. Encode the graphs once; repeat the condition for each image of a graph; draw each image's layout.
         cond = self.encode(graphs)
         rows = torch.arange(len(graphs), device=cond.context.device).repeat_interleave(num_images_per_graph)
-        cond = cond.index(rows)
+        cond = self.conditioner.draw_layouts(cond.index(rows), graphs, rows.tolist(), seeds, mode=layout)
         batch = cond.context.shape[0]
         if do_cfg:
             cond = concat_conditions(cond, self.conditioner.null_condition(batch))
         unet_kwargs = {k: _cast(v, dtype) for k, v in cond.unet_kwargs().items()}
+        canvas = cond.canvas(height // self.vae_scale_factor, width // self.vae_scale_factor)
+        canvas = canvas.to(device=device, dtype=dtype) if canvas is not None else None
 
         # 2. Timesteps and initial noise (one generator per image).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -275,7 +286,7 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         elif latents is None:
             latents = self.prepare_latents(seeds, height, width, dtype, device)
         else:  # caller-made noise (e.g. SBPC drafts: the full-size noise, pooled) [B, C, h, w]
-            expected = (len(seeds), self.unet.config.in_channels, height // self.vae_scale_factor,
+            expected = (len(seeds), self.latent_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
             if tuple(latents.shape) != expected:
                 raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
@@ -286,6 +297,8 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         for t in self.progress_bar(timesteps):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
+            if canvas is not None:  # layout channels after the latents, as inpainting UNets take their mask
+                model_input = torch.cat([model_input, canvas], dim=1)
             noise_pred = self.unet(model_input, t, **unet_kwargs).sample
             if do_cfg:
                 cond_pred, uncond_pred = noise_pred.chunk(2)
@@ -311,22 +324,26 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         num_layers: int = 5,
         projection_dim: int | None = None,
         torch_dtype: torch.dtype | None = None,
+        layout_channels: int = 0,
         **load_kwargs,
     ) -> SceneGraphDiffusionPipeline:
         """A diffusers Stable Diffusion folder or hub id + a fresh graph encoder and conditioner.
 
-        With ``conditioning="gated"`` the UNet is rebuilt with GLIGEN gated self-attention; its
-        gates start at zero, so until trained it computes exactly what the original UNet did.
+        With ``conditioning="gated"`` the UNet is rebuilt with GLIGEN gated self-attention (and
+        ``layout_channels`` extra input channels for the layout canvas); its gates and new channel
+        weights start at zero, so until trained it computes exactly what the original UNet did.
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         if conditioning not in ("tokens", "gated"):
             raise ValueError(f"`conditioning` must be 'tokens' or 'gated', got {conditioning!r}")
+        if layout_channels and conditioning != "gated":
+            raise ValueError(f"`layout_channels` {layout_channels!r} needs `conditioning='gated'`")
         kw = dict(load_kwargs, use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", torch_dtype=torch_dtype, **kw)
         if conditioning == "gated":
-            unet = add_gated_attention(unet)
+            unet = add_gated_attention(unet, layout_channels)
         vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", torch_dtype=torch_dtype, **kw)
         text_encoder = CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", **load_kwargs)
@@ -339,7 +356,7 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         )
         conditioner = SceneGraphConditioner(
             mode=conditioning, text_dim=text_dim, graph_dim=graph_dim, cross_attention_dim=cross_dim,
-            hidden_dim=hidden_dim, text_pooling="eos",
+            hidden_dim=hidden_dim, text_pooling="eos", layout_channels=layout_channels,
         )
         if torch_dtype is not None:
             graph_encoder.to(torch_dtype)
@@ -352,23 +369,74 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         )
 
 
-def add_gated_attention(unet):
-    """Rebuild a UNet2DConditionModel with GLIGEN gated self-attention, keeping every original weight.
+def add_gated_attention(unet, layout_channels: int = 0):
+    """Rebuild a UNet2DConditionModel with GLIGEN gated self-attention (and ``layout_channels`` extra
+    input channels for the layout canvas), keeping every original weight.
 
-    The new layers (``fuser`` per transformer block, ``position_net``) start with zero gates, so the
-    output equals the original UNet's until they are trained.
+    The new layers (``fuser`` per transformer block, ``position_net``) start with zero gates and the
+    new input channels with zero weights, so the output equals the original UNet's until they are trained.
     """
     from diffusers import UNet2DConditionModel
 
-    if unet.config.attention_type == "gated":
+    extra = unet.config.in_channels - unet.config.out_channels
+    if unet.config.attention_type == "gated" and extra == layout_channels:
         return unet
-    # (an edited config dict is ignored by from_config; the override must be a keyword)
-    gated = UNet2DConditionModel.from_config(unet.config, attention_type="gated").to(device=unet.device, dtype=unet.dtype)
-    missing, unexpected = gated.load_state_dict(unet.state_dict(), strict=False)
+    if extra and extra != layout_channels:
+        raise ValueError(f"the UNet already takes {extra} layout channels; cannot change them to {layout_channels}")
+    # (an edited config dict is ignored by from_config; the overrides must be keywords)
+    gated = UNet2DConditionModel.from_config(
+        unet.config, attention_type="gated", in_channels=unet.config.out_channels + layout_channels,
+    ).to(device=unet.device, dtype=unet.dtype)
+    state = unet.state_dict()
+    conv = state["conv_in.weight"]
+    if conv.shape[1] != gated.conv_in.weight.shape[1]:
+        padded = conv.new_zeros(gated.conv_in.weight.shape)
+        padded[:, : conv.shape[1]] = conv
+        state = {**state, "conv_in.weight": padded}
+    missing, unexpected = gated.load_state_dict(state, strict=False)
     new_only = all(".fuser." in k or k.startswith("position_net.") for k in missing)
     if unexpected or not new_only:
         raise RuntimeError(f"gated UNet does not match the base UNet: missing={missing}, unexpected={unexpected}")
     return gated
+
+
+def convert_conditioning(pipe: SceneGraphDiffusionPipeline, mode: str, layout_channels: int = 0) -> None:
+    """Switch a pipeline to another conditioning mode in place, keeping every trained weight.
+
+    Parts the new mode adds (gated layers, new input channels, grounding and layout heads, caption
+    projection) start where they change nothing the UNet sees (zero gates, zero-weight channels), so
+    fine-tuning begins from the base model's behaviour. Seed torch first for identical new weights.
+    """
+    config = {k: v for k, v in pipe.conditioner.config.items() if not k.startswith("_")}
+    channels = layout_channels if mode == "gated" else 0
+    if config["mode"] == mode and config.get("layout_channels", 0) == channels:
+        return
+    new_config = {**config, "mode": mode, "layout_channels": channels,
+                  "use_caption": bool(config.get("use_caption")) or mode == "caption"}
+    conditioner = SceneGraphConditioner(**new_config)
+    _, unexpected = conditioner.load_state_dict(pipe.conditioner.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"cannot convert {config['mode']!r} conditioning to {mode!r}: weights {unexpected} have no place")
+    conditioner.to(device=pipe.conditioner.device, dtype=pipe.conditioner.dtype)
+    pipe.register_modules(conditioner=conditioner.eval())
+    if mode == "gated":
+        pipe.register_modules(unet=add_gated_attention(pipe.unet, channels))
+
+
+def add_graph_projection(pipe: SceneGraphDiffusionPipeline, projection_dim: int) -> None:
+    """Give the graph encoder a projection of its global vector into an image-embedding space of
+    ``projection_dim`` (for the alignment losses), keeping its weights; an existing one must match."""
+    current = pipe.graph_encoder.config.projection_dim
+    if current == projection_dim:
+        return
+    if current is not None:
+        raise ValueError(f"the graph encoder projects to {current} dimensions, the image encoder's space has "
+                         f"{projection_dim}")
+    config = {k: v for k, v in pipe.graph_encoder.config.items() if not k.startswith("_")}
+    encoder = SceneGraphEncoder(**{**config, "projection_dim": projection_dim})
+    encoder.load_state_dict(pipe.graph_encoder.state_dict(), strict=False)
+    encoder.to(device=pipe.graph_encoder.device, dtype=pipe.graph_encoder.dtype)
+    pipe.register_modules(graph_encoder=encoder.eval())
 
 
 def realign_parameters(module: torch.nn.Module) -> None:

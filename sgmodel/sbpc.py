@@ -8,7 +8,7 @@ Three ways to spend the candidates:
   segmentation factor. With a deterministic sampler (DDIM) the same seed gives the same layout at
   any step count, so the draft's recall predicts the final image's — roughly: drafts are ranked by
   recall, then by expected recall (the segmenter's class probabilities, which still see objects a
-  blurry draft shows too faintly for the argmax), then relation score and index. With
+  blurry draft shows too faintly for the argmax), then precision, relation score and index. With
   ``final_candidates`` M > 1 the M best drafts' seeds are rendered in that order, in rounds, until
   a final image reaches the target recall, and the best final image (by the selection rule) wins:
   the drafts only decide the order, final images decide the winner. With ``final_strength`` S a final
@@ -127,13 +127,14 @@ class Candidate:
     image: np.ndarray | None = None
 
     @property
-    def key(self) -> tuple[float, float, int]:
-        """Sort key of the selection rule: recall, then relation score, then the lowest index."""
+    def key(self) -> tuple[float, float, float, int]:
+        """Sort key of the selection rule: recall (everything asked for is there), then precision
+        (nothing else is), then relation score (it is where the graph says), then the lowest index."""
         rel = self.result.relation_score
-        return (self.result.recall, -1.0 if rel is None else rel, -self.index)
+        return (self.result.recall, self.result.precision, -1.0 if rel is None else rel, -self.index)
 
     @property
-    def draft_key(self) -> tuple[float, float, float, int]:
+    def draft_key(self) -> tuple[float, float, float, float, int]:
         """Rank of a draft: recall, then expected recall (breaks the many ties of few-object graphs), then as ``key``."""
         expected = self.result.expected_recall
         return (self.result.recall, -1.0 if expected is None else expected, *self.key[1:])

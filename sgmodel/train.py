@@ -20,6 +20,7 @@ from torch import nn
 
 from sgmodel.conditioning import encode_graphs
 from sgmodel.graph import SceneGraph
+from sgmodel.layout import layout_nll
 from sgmodel.losses import (
     AlignmentDiscriminator,
     LossTerms,
@@ -44,9 +45,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(kw_only=True)
 class TrainConfig:
     trainable: Trainable = "conditioning"
-    """conditioning: graph encoder + conditioner (+ gated layers); unet: also the whole UNet;
-    lora: conditioning + LoRA adapters on the UNet's attention; all: everything incl. the text encoder
-    (models trained from scratch, like the shapes demo)."""
+    """conditioning: graph encoder + conditioner (+ gated layers, and the input conv when it reads a layout
+    canvas); unet: also the whole UNet; lora: conditioning + LoRA adapters on the UNet's attention; all:
+    everything incl. the text encoder (models trained from scratch, like the shapes demo)."""
     cond_dropout: float = 0.1
     """Probability of replacing a sample's condition by the null tokens (classifier-free guidance)."""
     lambda_recon: float = 1.0
@@ -56,7 +57,8 @@ class TrainConfig:
     adversarial_weight: float = 0.0
     """Weight of the GAN-style embedding alignment (0 = off)."""
     layout_weight: float = 1.0
-    """Weight of the layout head's L1 box loss (gated conditioning, objects with boxes)."""
+    """Weight of the layout head's box loss (gated conditioning, objects with boxes): the negative
+    log-likelihood of the true boxes under the predicted box distribution."""
     lora_rank: int = 8
     """Rank of the LoRA adapters (trainable='lora')."""
     snr_gamma: float | None = None
@@ -102,9 +104,10 @@ def configure_trainable(pipe: SceneGraphDiffusionPipeline, config: TrainConfig) 
         for name, param in pipe.unet.named_parameters():
             param.requires_grad_("lora_" in name)
     if pipe.unet.config.attention_type == "gated":  # the GLIGEN layers are part of the conditioning
+        layout_input = pipe.unet.config.in_channels > pipe.unet.config.out_channels
         for name, param in pipe.unet.named_parameters():
-            if ".fuser." in name or name.startswith("position_net."):
-                param.requires_grad_(True)
+            if ".fuser." in name or name.startswith("position_net.") or (layout_input and name.startswith("conv_in.")):
+                param.requires_grad_(True)  # conv_in reads the layout canvas
 
 
 def merge_lora(unet: nn.Module) -> nn.Module:
@@ -221,7 +224,11 @@ class DiffusionTrainingModule(nn.Module):
             kwargs["cross_attention_kwargs"] = {
                 "gligen": {k: v.to(dtype) for k, v in kwargs["cross_attention_kwargs"]["gligen"].items()}
             }
-        pred = unet(noisy.to(dtype), t, **kwargs).sample
+        model_input = noisy.to(dtype)
+        canvas = unet_cond.canvas(*noisy.shape[-2:])
+        if canvas is not None:  # the layout channels, painted from the rows' own (or predicted mean) boxes
+            model_input = torch.cat([model_input, canvas.to(dtype)], dim=1)
+        pred = unet(model_input, t, **kwargs).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         else:
@@ -242,15 +249,17 @@ class DiffusionTrainingModule(nn.Module):
                 extra = extra + self.config.adversarial_weight * adv
         total = combine_losses(recon, clip, mmd, self.config.lambda_recon, self.config.beta_clip)
 
-        # 4. Layout head: L1 against the boxes the graphs do have (gated conditioning).
+        # 4. Layout head: negative log-likelihood of the boxes the graphs do have (gated conditioning).
         layout = None
-        if cond.predicted_boxes is not None and self.config.layout_weight > 0:
+        if cond.layout_head_output is not None and self.config.layout_weight > 0:
             boxes = [o.box for g in graphs for o in g.objects]
             has = torch.tensor([b is not None for b in boxes], device=device)
             if bool(has.any()):
                 gt = torch.tensor([b if b is not None else (0.0,) * 4 for b in boxes], device=device)
-                layout = F.l1_loss(cond.predicted_boxes[has].float(), gt[has])
+                layout = layout_nll(cond.layout_head_output[has], gt[has])
                 extra = extra + self.config.layout_weight * layout
+            else:  # still a gradient on every rank (ZeRO / DDP reduce parameter by parameter)
+                extra = extra + 0.0 * cond.layout_head_output.sum()
         return LossTerms(total=total + extra, recon=recon, clip=clip, mmd=mmd, adversarial=adv, layout=layout)
 
     def _snr_weights(self, t: torch.Tensor) -> torch.Tensor | None:

@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from sgmodel.draft import read_draft_config
+from sgmodel.draft import check_draft_teacher, read_draft_config
+from sgmodel.fingerprint import model_fingerprint
 from sgmodel.sbpc import SBPCConfig, pipeline_generate_fn, run_sbpc
 from workers.generator import GenerationSettings, Generator, encode_png
 from workers.runtime import load_pipeline, localize_model
@@ -46,11 +47,13 @@ class SBPCGenerator:
         """The distilled draft model on this actor's device; drafts run its own steps without guidance."""
         from workers.storage import Storage
 
-        path = localize_model(model, Storage(storage_settings) if storage_settings else None)
+        storage = Storage(storage_settings) if storage_settings else None
+        path = localize_model(model, storage)
         draft = read_draft_config(path)
         if draft is None:
             raise ValueError(f"--draft-model {model!r} has no draft.json: not a distilled draft model "
                              "(make one with python -m jobs.distill_draft)")
+        check_draft_teacher(draft, model, model_fingerprint(localize_model(self.settings.model, storage)))
         pipe = load_pipeline(path, self.base.device, self.base.dtype, "model", self.settings.compile)
         if pipe.default_size != self.base.pipe.default_size:
             raise ValueError(f"--draft-model {model!r} renders {pipe.default_size} px, the model "

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from PIL import Image
 
-from sgmodel.scoring import RecallResult, SegmentationScorer
+from sgmodel.scoring import RECALL_ROW_SCHEMA, RecallResult, SegmentationScorer
 from workers.runtime import keep_freed_memory, localize_model, pick_device, pick_dtype, set_threads
 from workers.schema import SCORED_SCHEMA
 from workers.validate import graph_from_json
 
 logger = logging.getLogger(__name__)
 
-RECALL_COLUMNS = ("recall", "found", "missing", "unscorable", "relation_score", "relations_checked",
-                  "relations_satisfied")
+RECALL_COLUMNS = tuple(RECALL_ROW_SCHEMA.names)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,23 +18,28 @@ if TYPE_CHECKING:
 def load_base(settings: WorkerSettings, storage: Storage):
     """The pipeline to fine-tune: a scene-graph pipeline as saved, or SD + a fresh graph encoder/conditioner.
 
-    Seeded by the caller, so every rank builds identical new modules.
+    A scene-graph base asked for another ``--conditioning`` is converted (new parts start neutral, see
+    :func:`sgmodel.pipeline.convert_conditioning`); with an image encoder, a graph encoder without a
+    projection into its embedding space gets one. Seeded by the caller, so every rank builds
+    identical new modules.
     """
-    from sgmodel.pipeline import SceneGraphDiffusionPipeline
+    from sgmodel.pipeline import SceneGraphDiffusionPipeline, add_graph_projection, convert_conditioning
     from workers.runtime import localize_model
 
     path = localize_model(settings.base, storage)
-    if settings.base_kind == "scene_graph":
-        pipe = SceneGraphDiffusionPipeline.from_pretrained(path, use_safetensors=True)
-        mode = pipe.conditioner.config.mode
-        if settings.conditioning not in (None, mode):
-            raise ValueError(f"--conditioning {settings.conditioning!r} does not match the base model's {mode!r}")
-        return pipe
     projection_dim = None
     if settings.image_encoder:
         projection_dim = int(load_image_encoder_config(settings, storage).projection_dim)
+    if settings.base_kind == "scene_graph":
+        pipe = SceneGraphDiffusionPipeline.from_pretrained(path, use_safetensors=True)
+        if settings.conditioning is not None:
+            convert_conditioning(pipe, settings.conditioning, settings.layout_channels)
+        if projection_dim is not None:
+            add_graph_projection(pipe, projection_dim)
+        return pipe
     return SceneGraphDiffusionPipeline.from_stable_diffusion(
-        path, conditioning=settings.conditioning or "tokens", projection_dim=projection_dim
+        path, conditioning=settings.conditioning or "tokens", projection_dim=projection_dim,
+        layout_channels=settings.layout_channels if settings.conditioning == "gated" else 0,
     )
 
 

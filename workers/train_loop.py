@@ -43,6 +43,7 @@ class WorkerSettings:
     base: str
     base_kind: BaseKind
     conditioning: str | None
+    layout_channels: int
     """For Stable Diffusion bases: tokens | gated."""
     image_encoder: str | None
     train: Any

@@ -25,7 +25,8 @@ from workers.storage import Storage, join
 
 LIGHT_COLUMNS = ("id", "sample_index", "image_key", "recall", "relation_score")
 """Read for every metadata row (cheap); everything else only for the rows shown."""
-DETAIL_COLUMNS = ("seed", "found", "missing", "unscorable", "relations_checked", "relations_satisfied", "steps",
+DETAIL_COLUMNS = ("seed", "found", "missing", "unscorable", "relations_checked", "relations_satisfied", "precision",
+                  "extra_objects", "steps",
                   "height", "width", "gen_seconds", "graph", "candidates_drawn", "winner_candidate")
 CANDIDATE_COLUMNS = ("id", "candidate_index", "seed", "recall", "relation_score", "won", "image_key")
 

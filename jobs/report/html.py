@@ -96,9 +96,13 @@ def image_card(image: Image, thumb: tuple[str, int, int] | None, graph_svg: str)
     checked = d.get("relations_checked")
     if checked:
         score += f' <span class="muted">relations {e(d.get("relations_satisfied"))}/{e(checked)}</span>'
+    if d.get("precision") is not None:
+        score += f' <span class="muted">precision {e(fmt(d["precision"], 2))}</span>'
     lines.append(f"<div>{score}</div>")
     if d.get("missing"):
         lines.append(f'<div class="missing">missing: {e(", ".join(map(str, d["missing"])))}</div>')
+    if d.get("extra_objects"):
+        lines.append(f'<div class="missing">extra: {e(", ".join(map(str, d["extra_objects"])))}</div>')
     if d.get("unscorable"):
         lines.append(f'<div class="muted">not scorable: {e(", ".join(map(str, d["unscorable"])))}</div>')
     if d.get("winner_candidate") is not None:

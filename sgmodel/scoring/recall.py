@@ -38,6 +38,8 @@ RECALL_ROW_SCHEMA = pa.schema(
         pa.field("relation_score", pa.float64()),
         pa.field("relations_checked", pa.int32()),
         pa.field("relations_satisfied", pa.int32()),
+        pa.field("precision", pa.float64()),
+        pa.field("extra_objects", pa.list_(pa.string())),
     ]
 )
 """Arrow types of :meth:`RecallResult.to_row` (for metadata Parquet tables)."""
@@ -74,6 +76,11 @@ class RecallResult:
     checked spatial relations, None when none could be checked (a relation is checkable when
     its predicate is spatial and both its objects were found). Object lists hold descriptions
     ("large red circle"), one entry per object, in graph order.
+
+    ``precision`` is found / instances seen: the segmented map is cut into instances (connected
+    regions of at least the minimum area, per class), and every instance beyond the graph's found
+    objects of its class is an extra object (``extra_objects`` names its class, once per instance),
+    including classes the graph never names. 1.0 when no instance is seen.
     """
 
     graph_id: str
@@ -88,6 +95,9 @@ class RecallResult:
     """Per graph relation: True satisfied, False violated, None not checkable."""
     object_classes: list[str | None] = field(default_factory=list)
     """Per graph object: the matched class name, None when unscorable."""
+    precision: float = 1.0
+    extra_objects: list[str] = field(default_factory=list)
+    """Class name of every instance the graph does not account for."""
     expected_recall: float | None = None
     """A soft recall from the segmenter's class probabilities (:func:`expected_recall`), when it
     scored the image itself (not a bare class map): it still moves when a blurry draft shows an
@@ -107,6 +117,8 @@ class RecallResult:
             "relation_score": self.relation_score,
             "relations_checked": int(self.relations_checked),
             "relations_satisfied": int(self.relations_satisfied),
+            "precision": float(self.precision),
+            "extra_objects": list(self.extra_objects),
         }
 
 
@@ -168,7 +180,38 @@ def _assign_regions(
     return {idx: region for (idx, _), region in zip(objects, regions)}
 
 
-def _score_one(class_map: np.ndarray, graph: SceneGraph, matches: list[LabelMatch], config: RecallConfig) -> RecallResult:
+def count_instances(class_map: np.ndarray, config: RecallConfig, ignored: frozenset[int] = frozenset()) -> dict[int, int]:
+    """Instances per class: connected regions of at least the minimum area ({class id: count}, > 0 only)."""
+    threshold = config.min_area(class_map.size)
+    structure = ndimage.generate_binary_structure(2, 2 if config.connectivity == 8 else 1)
+    ids, pixels = np.unique(class_map, return_counts=True)
+    out = {}
+    for class_id, total in zip(ids.tolist(), pixels.tolist()):
+        if class_id in ignored or total < threshold:
+            continue
+        labels, count = ndimage.label(class_map == class_id, structure=structure)
+        big = int((np.bincount(labels.ravel(), minlength=count + 1)[1:] >= threshold).sum())
+        if big:
+            out[class_id] = big
+    return out
+
+
+def _extras(class_map: np.ndarray, found_classes: list[int], config: RecallConfig, ignored: frozenset[int],
+            names: Mapping[int, str]) -> tuple[float, list[str]]:
+    """(precision, extra instances' class names): instances beyond the found objects of each class."""
+    seen = count_instances(class_map, config, ignored)
+    found = {c: found_classes.count(c) for c in set(found_classes)}
+    extra: list[str] = []
+    for class_id in sorted(set(seen) | set(found)):
+        # a lone object found by total area may be in fragments smaller than the minimum: it is one instance
+        surplus = max(seen.get(class_id, 0), found.get(class_id, 0)) - found.get(class_id, 0)
+        extra += [names.get(class_id, str(class_id))] * surplus
+    instances = len(found_classes) + len(extra)
+    return (len(found_classes) / instances if instances else 1.0), extra
+
+
+def _score_one(class_map: np.ndarray, graph: SceneGraph, matches: list[LabelMatch], config: RecallConfig,
+               ignored: frozenset[int] = frozenset(), names: Mapping[int, str] | None = None) -> RecallResult:
     groups: dict[int, list[tuple[int, SGObject]]] = {}
     for i, (obj, match) in enumerate(zip(graph.objects, matches)):
         if match.class_id is not None:
@@ -196,6 +239,8 @@ def _score_one(class_map: np.ndarray, graph: SceneGraph, matches: list[LabelMatc
         results.append(bool(holds))
     checked = sum(r is not None for r in results)
     satisfied = sum(r is True for r in results)
+    precision, extra = _extras(class_map, [m.class_id for i, m in enumerate(matches) if i in regions], config,
+                               ignored, names or {})
     return RecallResult(
         graph_id=graph.id,
         recall=len(found) / scorable if scorable else 1.0,
@@ -207,6 +252,8 @@ def _score_one(class_map: np.ndarray, graph: SceneGraph, matches: list[LabelMatc
         relations_satisfied=satisfied,
         relation_results=results,
         object_classes=[m.class_name for m in matches],
+        precision=precision,
+        extra_objects=extra,
     )
 
 
@@ -245,7 +292,8 @@ def score_class_maps(
     results, start = [], 0
     for class_map, graph in zip(maps, graphs):
         stop = start + len(graph.objects)
-        results.append(_score_one(class_map, graph, matches[start:stop], config))
+        results.append(_score_one(class_map, graph, matches[start:stop], config, matcher.ignored_ids,
+                                  matcher.id2label))
         start = stop
     return results
 

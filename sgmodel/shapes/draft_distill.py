@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sgmodel.draft import DRAFT_FILE, read_draft_config
+from sgmodel.fingerprint import model_fingerprint
 from sgmodel.graph import SceneGraph
 from sgmodel.optim import lr_factor
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
@@ -219,8 +220,8 @@ def train_draft_student(
     unet.eval()
     out = Path(output_dir)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    draft = {"teacher": str(teacher_dir), "teacher_steps": pairs["steps"], "guidance": pairs["guidance"],
-             "draft_steps": draft_steps}
+    draft = {"teacher": str(teacher_dir), "teacher_fingerprint": model_fingerprint(str(teacher_dir)),
+             "teacher_steps": pairs["steps"], "guidance": pairs["guidance"], "draft_steps": draft_steps}
     (out / DRAFT_FILE).write_text(json.dumps(draft, indent=2) + "\n")
     summary = {**draft, "pairs": n, "held_out": val_count, "train_steps": train_steps, "batch_size": batch_size,
                "lr": lr, "init_from": str(init_from) if init_from is not None else None,

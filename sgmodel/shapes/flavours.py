@@ -56,6 +56,7 @@ def build_pipeline(
     seed: int = 0,
     projection_dim: int | None = None,
     use_caption: bool = True,
+    layout_channels: int = 0,
 ) -> SceneGraphDiffusionPipeline:
     """A fresh pixel-space pipeline of the given flavour whose tokenizer knows ``vocabulary``'s words."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -92,7 +93,7 @@ def build_pipeline(
         norm_num_groups=f.norm_num_groups,
     )
     if conditioning == "gated":
-        unet = add_gated_attention(unet)
+        unet = add_gated_attention(unet, layout_channels)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
@@ -107,7 +108,7 @@ def build_pipeline(
     conditioner = SceneGraphConditioner(
         mode=conditioning, text_dim=f.text_dim, graph_dim=f.graph_dim, cross_attention_dim=f.cross_attention_dim,
         hidden_dim=f.hidden_dim, text_pooling="mean", max_grounding_tokens=8,
-        use_caption=use_caption,
+        use_caption=use_caption, layout_channels=layout_channels,
     )
     for module in (unet, text_encoder, encoder, conditioner):
         module.eval()  # as from_pretrained leaves them; training code switches to train() itself

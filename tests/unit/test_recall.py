@@ -97,6 +97,27 @@ def test_duplicates_need_one_region_each():
     assert r.found == ["cat", "kitten"]
 
 
+def test_instances_beyond_the_graph_are_extra_objects():
+    """Precision = found / instances seen; every instance the graph does not account for is extra."""
+    two_cats = graph(SGObject("cat"), SGObject("cat"))
+    three_cats_and_a_table = paint(paint(paint(paint(canvas(), 1, 0, 0, 8, 8), 1, 20, 0, 28, 8),
+                                         1, 40, 0, 48, 8), 3, 0, 30, 10, 40)
+    r = score_one(three_cats_and_a_table, two_cats)
+    assert r.recall == 1.0 and sorted(r.extra_objects) == ["cat", "table"]
+    assert r.precision == pytest.approx(2 / 4)
+    exact = paint(paint(canvas(), 1, 0, 0, 8, 8), 1, 20, 0, 28, 8)
+    assert score_one(exact, two_cats).precision == 1.0 and score_one(exact, two_cats).extra_objects == []
+    # pieces below the minimum area are not instances; a lone object found by total area is one instance
+    crumbs = paint(paint(canvas(), 1, 0, 0, 4, 4), 1, 20, 20, 24, 24)
+    lone = score_one(crumbs, graph(SGObject("cat")))
+    assert lone.found == ["cat"] and lone.extra_objects == [] and lone.precision == 1.0
+    # nothing seen, nothing extra: precision stays 1 (recall reports what is missing)
+    empty = score_one(canvas(), two_cats)
+    assert empty.recall == 0.0 and empty.precision == 1.0 and empty.extra_objects == []
+    # background is never an instance
+    assert score_one(paint(canvas(), 0, 0, 0, 50, 50), graph(SGObject("dog"))).extra_objects == []
+
+
 def test_connectivity_decides_whether_diagonal_touches_merge():
     m = paint(paint(canvas(), 1, 0, 0, 10, 10), 1, 10, 10, 20, 20)  # corners touch diagonally
     g = graph(SGObject("cat"), SGObject("cat"))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure headless Chromium is there for the browser tests (tests/e2e/test_report_browser.py).
 # Installs Debian's `chromium` package when it is missing and apt-get can be used (root, or
-# passwordless sudo). Never fails the build: without Chromium those tests skip and say why.
+# passwordless sudo). Never fails by itself: without Chromium the browser tests skip and say why, except
+# under CI=true, where they fail.
 set -u
 
 for exe in chromium chromium-browser; do

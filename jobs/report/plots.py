@@ -32,6 +32,10 @@ def histogram_counts(values: Sequence[float], bins: int = 10) -> tuple[list[floa
 
 
 def recall_histogram(values: Sequence[float], title: str = "Object recall per image") -> bytes:
+    return _png(recall_histogram_figure(values, title))
+
+
+def recall_histogram_figure(values: Sequence[float], title: str = "Object recall per image") -> Figure:
     edges, counts = histogram_counts(values)
     fig = Figure(figsize=(5.2, 3.0), layout="constrained")
     ax = fig.add_subplot()
@@ -46,10 +50,15 @@ def recall_histogram(values: Sequence[float], title: str = "Object recall per im
         ax.axvline(mean, color=ORANGE, linestyle="--", linewidth=1.2, label=f"mean {mean:.3f}")
         ax.legend(fontsize=8, loc="upper center")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    return _png(fig)
+    return fig
 
 
 def max_recall_curve(ns: Sequence[int], means: Sequence[float], title: str = "SBPC: best of n candidates") -> bytes:
+    return _png(max_recall_curve_figure(ns, means, title))
+
+
+def max_recall_curve_figure(ns: Sequence[int], means: Sequence[float],
+                            title: str = "SBPC: best of n candidates") -> Figure:
     fig = Figure(figsize=(5.2, 3.0), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(ns, means, marker="o", color=BLUE, linewidth=1.5, markersize=4)
@@ -62,13 +71,17 @@ def max_recall_curve(ns: Sequence[int], means: Sequence[float], title: str = "SB
             ax.set_xticks(list(ns))
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    return _png(fig)
+    return fig
 
 
 LOSS_KEYS = ("loss_total", "loss_recon", "loss_clip", "loss_mmd", "loss_adversarial", "loss_layout", "val_loss")
 
 
 def loss_curves(metrics: Sequence[dict]) -> bytes:
+    return _png(loss_curves_figure(metrics))
+
+
+def loss_curves_figure(metrics: Sequence[dict]) -> Figure:
     """Every loss column present in metrics.jsonl against step, and the learning rate below."""
     steps_of = {key: [(m["step"], m[key]) for m in metrics if _finite(m.get(key)) and _finite(m.get("step"))]
                 for key in LOSS_KEYS}
@@ -96,7 +109,7 @@ def loss_curves(metrics: Sequence[dict]) -> bytes:
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
-    return _png(fig)
+    return fig
 
 
 def _finite(value: object) -> bool:

@@ -233,11 +233,17 @@ def test_image_to_image_runs_the_last_strength_steps_from_the_start_image(tiny_p
 def test_image_to_image_encodes_through_the_vae(tiny_sd_folder, graphs):
     sd = SceneGraphDiffusionPipeline.from_stable_diffusion(str(tiny_sd_folder), graph_dim=16, hidden_dim=16)
     sd.set_progress_bar_config(disable=True)
-    start = np.random.default_rng(0).random((3, 16, 16, 3), dtype=np.float32)
+    ramp = np.linspace(0.0, 1.0, 16, dtype=np.float32)
+    start = np.stack([np.broadcast_to(ramp[None, :, None] * c, (16, 16, 3)) for c in (0.3, 0.6, 1.0)])
     latents = sd.encode_images(torch.from_numpy(start).permute(0, 3, 1, 2))
     assert latents.shape == (3, 4, 16 // sd.vae_scale_factor, 16 // sd.vae_scale_factor)
-    out = run(sd, graphs, [1, 2, 3], steps=4, height=16, width=16, image=start, strength=0.5)
-    assert out.shape == (3, 16, 16, 3) and np.isfinite(out).all()
+    # the start image goes through the VAE: with little of the schedule left, the output stays near the
+    # VAE's own reconstruction of the start image, and far from another image's
+    recon = sd.decode(latents).permute(0, 2, 3, 1).cpu().numpy()
+    out = run(sd, graphs, [1, 2, 3], steps=20, height=16, width=16, image=start, strength=0.05)
+    other = run(sd, graphs, [1, 2, 3], steps=20, height=16, width=16, image=1.0 - start, strength=0.05)
+    assert out.shape == (3, 16, 16, 3)
+    assert np.abs(out - recon).mean() < 0.5 * np.abs(other - recon).mean()
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ from sgmodel.scoring import (
 )
 
 ANIMALS = {0: "background", 1: "cat", 2: "dog", 3: "table"}
+COMMITTED_SEGMENTER = Path(__file__).resolve().parents[2] / "models" / "shapes-segmenter"
 SHAPES_COLOURS = ("red", "green", "blue", "yellow", "purple")
 SHAPES_KINDS = ("circle", "square", "triangle")
 SHAPES_ID2LABEL = dict(enumerate(["background"] + [f"{c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]))
@@ -547,11 +549,18 @@ def test_score_end_to_end_with_a_segmenter_forced_to_one_class(segformer_dir):
     assert score_one(canvas(), graph(SGObject("cat"))).expected_recall is None  # a bare class map has no probabilities
 
 
-def test_reduced_precision_path_selected_by_argument(segformer_dir):
-    scorer = load(segformer_dir, dtype="bfloat16")
-    assert scorer.dtype == torch.bfloat16 and next(scorer.model.parameters()).dtype == torch.bfloat16
-    maps = scorer.segment(images_of_sizes())
-    assert [m.shape for m in maps] == [(24, 40), (33, 17), (32, 32)]
+def test_bf16_reads_images_as_fp32_does():
+    """The reduced-precision path (GPU scorers) agrees with fp32 on the committed segmenter's renders."""
+    from sgmodel.shapes.world import shapes_sample
+
+    samples = [shapes_sample(7, i, 32) for i in range(12)]
+    images, graphs = [np.asarray(out.image) for _, out in samples], [g for g, _ in samples]
+    fp32 = SegmentationScorer.from_pretrained(COMMITTED_SEGMENTER)
+    bf16 = SegmentationScorer.from_pretrained(COMMITTED_SEGMENTER, dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.bfloat16
+    agree = np.mean([np.mean(a == b) for a, b in zip(fp32.segment(images), bf16.segment(images))])
+    assert agree > 0.98
+    assert [r.recall for r in bf16.score(images, graphs)] == [r.recall for r in fp32.score(images, graphs)]
 
 
 def test_scorer_rejects_bad_arguments(segformer_dir):

@@ -14,7 +14,15 @@ from jobs.report.data import ImageIndex, sbpc_stats, select_images
 from jobs.report.graph import graph_svg, object_statuses
 from jobs.report.html import e, fmt
 from jobs.report.images import split_tar_key, thumbnail
-from jobs.report.plots import histogram_counts, loss_curves, max_recall_curve, recall_histogram
+from jobs.report.plots import (
+    histogram_counts,
+    loss_curves,
+    loss_curves_figure,
+    max_recall_curve,
+    max_recall_curve_figure,
+    recall_histogram,
+    recall_histogram_figure,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -161,15 +169,25 @@ def test_tar_keys():
     assert split_tar_key("images/s/x-000.png") is None
 
 
-def test_plots_are_pngs():
-    assert recall_histogram([0.0, 0.5, 1.0, 1.0]).startswith(PNG_MAGIC)
+def test_plots_draw_the_data():
     assert histogram_counts([0.0, 0.05, 1.0])[1] == [2, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-    assert max_recall_curve([1, 2, 3], [0.3, 0.5, 0.6]).startswith(PNG_MAGIC)
-    # losses that are missing, zero or negative in places still plot (linear scale then)
-    metrics = [{"step": 1, "loss_total": 1.0, "lr": 1e-4}, {"step": 2, "loss_total": -0.1},
+    hist = recall_histogram_figure([0.0, 0.5, 1.0, 1.0]).axes[0]
+    assert [round(p.get_height()) for p in hist.patches] == [1, 0, 0, 0, 0, 1, 0, 0, 0, 2]
+    assert hist.lines[0].get_xdata()[0] == pytest.approx(0.625)  # the mean's marker
+    curve = max_recall_curve_figure([1, 2, 3], [0.3, 0.5, 0.6]).axes[0].lines[0]
+    assert curve.get_xydata().tolist() == [[1, 0.3], [2, 0.5], [3, 0.6]]
+    # losses that are missing, zero or negative in places still plot (linear scale then), per key
+    metrics = [{"step": 1, "loss_total": 1.0, "lr": 1e-4}, {"step": 2, "loss_total": -0.1, "loss_layout": 0.5},
                {"step": 3, "loss_adversarial": 0.0, "val_loss": float("nan")}, {"loss_total": 3.0}]
-    assert loss_curves(metrics).startswith(PNG_MAGIC)
-    assert loss_curves([]).startswith(PNG_MAGIC)
+    losses, lr = loss_curves_figure(metrics).axes
+    drawn = {line.get_label(): line.get_xydata().tolist() for line in losses.lines}
+    assert drawn == {"loss_total": [[1, 1.0], [2, -0.1]], "loss_adversarial": [[3, 0.0]], "loss_layout": [[2, 0.5]]}
+    assert losses.get_yscale() == "linear" and lr.lines[0].get_xydata().tolist() == [[1, 1e-4]]
+    assert loss_curves_figure([{"step": 1, "loss_total": 2.0}, {"step": 2, "loss_total": 1.0}]).axes[0].get_yscale() \
+        == "log"
+    for png in (recall_histogram([0.5]), max_recall_curve([1], [0.5]), loss_curves([])):
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.size[0] > 300
 
 
 def test_text_helpers():

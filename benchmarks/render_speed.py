@@ -1,0 +1,198 @@
+"""How fast does the pipeline render, against what this machine can do? Settings side by side.
+
+    python benchmarks/render_speed.py [--model models/shapes-sg-diffusion] [--batch-size 16] [--batches 4]
+        [--steps 25] [--threads 2] [--skip-compile]
+
+The bare pipeline loop (what a generator actor runs: ``pipe(graphs, num_inference_steps=S,
+guidance_scale=3, seeds=..., output_type="np")``) on held-out shapes graphs, batch after batch,
+once per setting, settings interleaved round by round so background load hits them alike:
+
+- ``default``: the job's defaults (fp32, eager, the model's attention processor, inference mode);
+- ``channels_last``: the UNet in channels-last memory format;
+- ``compile``: ``torch.compile`` of the UNet (inductor; its compile time is reported, not timed);
+- ``bf16``: CPU autocast to bfloat16 (only where the CPU has native bf16 support);
+- ``no SDPA``: diffusers' classic attention processor instead of PyTorch's scaled_dot_product_attention;
+- ``separate CFG``: conditional and unconditional passes as two UNet calls instead of one batch.
+
+Prints images/s per setting and its ratio to ``default``, the largest pixel difference from the
+default's images (0-255; a setting is usable as a default only within ``--tolerance``), the model's
+FLOPs per image counted by ``torch.utils.flop_counter`` over one whole call, and the fraction of the
+machine's measured peak (a large fp32 matmul, best of a few) the pipeline reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sgmodel.graph import derive_seed  # noqa: E402
+from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
+from sgmodel.shapes.quality import HELD_OUT_SEED, held_out_graphs  # noqa: E402
+
+
+def peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 matmul rate of this process's threads: the roof the pipeline is measured against."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def bf16_supported() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 / AMX): elsewhere autocast emulates it, slower than fp32."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def flops_per_image(pipe: SceneGraphDiffusionPipeline, graphs, steps: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pipe(graphs, num_inference_steps=steps, seeds=list(range(len(graphs))), output_type="np")
+    return counter.get_total_flops() / len(graphs)
+
+
+class SeparateCFG:
+    """Wraps a UNet so a guided call (batch 2B) runs as two calls of B: the unfused baseline."""
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, sample, timestep, **kwargs):
+        half = sample.shape[0] // 2
+        parts = []
+        for rows in (slice(0, half), slice(half, None)):
+            kw = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+            if "cross_attention_kwargs" in kwargs and kwargs["cross_attention_kwargs"]:
+                gligen = kwargs["cross_attention_kwargs"]["gligen"]
+                kw["cross_attention_kwargs"] = {"gligen": {k: v[rows] for k, v in gligen.items()}}
+            parts.append(self.unet(sample[rows], timestep, **kw).sample)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=torch.cat(parts))
+
+
+def settings(pipe: SceneGraphDiffusionPipeline, args) -> dict[str, tuple[Callable[[], None], Callable[[], None], object]]:
+    """name -> (apply, undo, context manager factory) for every setting measured."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet = pipe.unet
+    out: dict = {"default": (lambda: None, lambda: None, nullcontext)}
+
+    def channels_last():
+        unet.to(memory_format=torch.channels_last)
+
+    def contiguous():
+        unet.to(memory_format=torch.contiguous_format)
+
+    out["channels_last"] = (channels_last, contiguous, nullcontext)
+    if bf16_supported():
+        out["bf16"] = (lambda: None, lambda: None, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    out["no SDPA"] = (lambda: unet.set_attn_processor(AttnProcessor()),
+                      lambda: unet.set_attn_processor(AttnProcessor2_0()), nullcontext)
+
+    def separate():
+        pipe.unet = SeparateCFG(unet)
+
+    def fused():
+        pipe.unet = unet
+
+    out["separate CFG"] = (separate, fused, nullcontext)
+    if not args.skip_compile:
+        compiled = torch.compile(unet)  # compiles on its first call: inside the unmeasured first batch
+
+        def use_compiled():
+            pipe.unet = compiled
+
+        out["compile"] = (use_compiled, fused, nullcontext)
+    return out
+
+
+def render(pipe, graphs, steps: int) -> np.ndarray:
+    seeds = [derive_seed(HELD_OUT_SEED, g.id, 0) for g in graphs]
+    images = pipe(graphs, num_inference_steps=steps, guidance_scale=3.0, seeds=seeds, output_type="np").images
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "models/shapes-sg-diffusion"))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=4, help="measured batches per setting (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tolerance", type=int, default=2, help="largest pixel difference a default may make")
+    parser.add_argument("--skip-compile", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    pipe = SceneGraphDiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    graphs = held_out_graphs(args.batch_size * (args.batches + 1), HELD_OUT_SEED, pipe.default_size)
+    batches = [graphs[i:i + args.batch_size] for i in range(0, len(graphs), args.batch_size)]
+    peak = peak_gflops()
+    flops = flops_per_image(pipe, batches[0][:2], args.steps)
+    variants = settings(pipe, args)
+    seconds = {name: 0.0 for name in variants}
+    images: dict[str, list[np.ndarray]] = {name: [] for name in variants}
+    warmup: dict[str, float] = {}
+    for k, batch in enumerate(batches):
+        for name, (apply, undo, context) in variants.items():
+            apply()
+            with context():
+                start = time.perf_counter()
+                out = render(pipe, batch, args.steps)
+                elapsed = time.perf_counter() - start
+            undo()
+            if k == 0:
+                warmup[name] = elapsed  # first batch: compile, caches and allocations, not measured
+                continue
+            seconds[name] += elapsed
+            images[name].append(out)
+        print(f"  batch {k + 1}/{len(batches)} done", file=sys.stderr, flush=True)
+
+    measured = args.batch_size * args.batches
+    base_rate = measured / seconds["default"]
+    reference = np.concatenate(images["default"]).astype(np.int16)
+    print(f"\n{measured} images per setting ({args.batches} batches of {args.batch_size}), {args.steps} steps with "
+          f"guidance, {pipe.default_size} px, {args.threads} threads; machine peak {peak:.0f} GFLOP/s "
+          f"(fp32 matmul); model {flops / 1e9:.1f} GFLOP per image")
+    print("| setting | images/s | vs default | GFLOP/s | of peak | max pixel diff | first batch s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    figures = {"peak_gflops": peak, "gflop_per_image": flops / 1e9, "settings": {}}
+    for name in variants:
+        rate = measured / seconds[name]
+        diff = int(np.abs(np.concatenate(images[name]).astype(np.int16) - reference).max())
+        achieved = rate * flops / 1e9
+        figures["settings"][name] = {"images_per_s": rate, "ratio": rate / base_rate, "gflops": achieved,
+                                     "fraction_of_peak": achieved / peak, "max_pixel_diff": diff,
+                                     "first_batch_s": warmup[name]}
+        print(f"| {name} | {rate:.2f} | {rate / base_rate:.2f}x | {achieved:.0f} | {achieved / peak:.0%} | {diff} | "
+              f"{warmup[name]:.1f} |")
+    if "bf16" not in variants:
+        print("bf16: skipped, this CPU has no native bf16 (autocast would emulate it)")
+    usable = [n for n, f in figures["settings"].items() if f["max_pixel_diff"] <= args.tolerance]
+    best = max(usable, key=lambda n: figures["settings"][n]["images_per_s"])
+    print(f"fastest within {args.tolerance} of the default's pixels: {best}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -38,9 +38,12 @@ from sgmodel.shapes.world import shapes_sample
 
 
 def shapes_graphs(stream: int, indices: Sequence[int]) -> list[SceneGraph]:
-    """Graphs (without captions, as the demo model was trained) of shapes stream ``stream``."""
+    """Graphs of shapes stream ``stream`` as users give them: no boxes, no caption (a layout-grounded
+    teacher draws each pair's layout from the pair's seed, and the student, with the same conditioner,
+    draws the same one)."""
     size = 32  # the graph does not depend on the render size
-    return [replace(shapes_sample(stream, int(i), size)[0], caption=None) for i in indices]
+    graphs = [shapes_sample(stream, int(i), size)[0] for i in indices]
+    return [replace(g, caption=None, objects=tuple(replace(o, box=None) for o in g.objects)) for g in graphs]
 
 
 def pair_seed(stream: int, index: int) -> int:
@@ -116,7 +119,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
 
 
 def _draft_chain(pipe: SceneGraphDiffusionPipeline, noise: torch.Tensor, unet_kwargs: dict,
-                 draft_steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 draft_steps: int, canvas: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The student's own DDIM chain from ``noise``, as the pipeline runs it.
 
     Returns each step's clean-sample prediction (raw: the training targets them, with gradients
@@ -128,7 +131,10 @@ def _draft_chain(pipe: SceneGraphDiffusionPipeline, noise: torch.Tensor, unet_kw
     x = noise * scheduler.init_noise_sigma
     predictions = []
     for t in scheduler.timesteps:
-        x0 = pipe.unet(scheduler.scale_model_input(x, t), t, **unet_kwargs).sample
+        model_input = scheduler.scale_model_input(x, t)
+        if canvas is not None:
+            model_input = torch.cat([model_input, canvas], dim=1)
+        x0 = pipe.unet(model_input, t, **unet_kwargs).sample
         predictions.append(x0)
         x = scheduler.step(x0, t, x).prev_sample
     return predictions, x
@@ -181,10 +187,17 @@ def train_draft_student(
     generator = torch.Generator().manual_seed(seed)
     train_n = n - val_count  # the last val_count pairs are held out
 
+    seeds = [pair_seed(pairs["stream"], int(i)) for i in pairs["index"].tolist()]
+
     def loss_on(rows: torch.Tensor) -> tuple[torch.Tensor, float]:
-        with torch.no_grad():
-            kwargs = pipe.encode([graphs[i] for i in rows.tolist()]).unet_kwargs()
-        predictions, output = _draft_chain(pipe, pairs["noise"][rows], kwargs, draft_steps)
+        chosen = rows.tolist()
+        with torch.no_grad():  # the teacher's condition and layout for each pair's graph and seed
+            batch = [graphs[i] for i in chosen]
+            cond = pipe.conditioner.draw_layouts(pipe.encode(batch), batch, list(range(len(batch))),
+                                                 [seeds[i] for i in chosen])
+            size = pairs["noise"].shape[-2:]
+            canvas = cond.canvas(*size)
+        predictions, output = _draft_chain(pipe, pairs["noise"][rows], cond.unet_kwargs(), draft_steps, canvas)
         target = pairs["target"][rows]
         loss = sum(torch.nn.functional.mse_loss(x0, target) for x0 in predictions) / len(predictions)
         return loss, torch.nn.functional.mse_loss(output, target).item()

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from jobs.config import ConfigError
 from jobs.distill_draft import PAIR_STREAM
 from jobs.distill_draft import main as distill_main
-from sgmodel.draft import load_draft_model, read_draft_config
+from sgmodel.draft import check_draft_teacher, load_draft_model, read_draft_config
+from sgmodel.fingerprint import model_fingerprint
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
 from sgmodel.shapes.draft_distill import (
     load_pairs,
@@ -65,7 +66,10 @@ def test_student_learns_the_teachers_renders_and_loads_as_a_pipeline(teacher, ti
     assert [h["step"] for h in history] == [0, 4, 8, 12]
     assert summary["best_val_mse"] == min(h["val_mse"] for h in history) < history[0]["val_mse"]
     assert read_draft_config(tmp_path / "student") == {
-        "teacher": tiny_model_dir, "teacher_steps": 2, "guidance": 3.0, "draft_steps": 2}
+        "teacher": tiny_model_dir, "teacher_fingerprint": model_fingerprint(tiny_model_dir), "teacher_steps": 2,
+        "guidance": 3.0, "draft_steps": 2}
+    with pytest.raises(ValueError, match="learnt the renders of"):  # another model's draft is refused
+        check_draft_teacher(read_draft_config(tmp_path / "student"), "student", "0123456789abcdef")
     assert read_draft_config(tiny_model_dir) is None
 
     # The saved student is the best one: its guidance-free 2-step drafts of the held-out pairs have that MSE.

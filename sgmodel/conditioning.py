@@ -159,10 +159,13 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
         self.null_tokens = nn.Parameter(torch.randn(num_null_tokens, cross_attention_dim) * 0.02)
         self.grounding = self.layout_head = self.layout_features = None
         if mode == "gated":
-            self.grounding = mlp([graph_dim + text_dim, hidden_dim, cross_attention_dim])
+            # Grounding tokens and canvas features read the object's label and attribute embeddings
+            # directly, beside the graph encoder's output: what to draw in a box must not depend on
+            # the encoder keeping attributes (colours) separable after message passing.
+            self.grounding = mlp([graph_dim + 2 * text_dim, hidden_dim, cross_attention_dim])
             self.layout_head = LayoutHead(graph_dim, hidden_dim)
             if layout_channels:
-                self.layout_features = mlp([graph_dim + text_dim, hidden_dim, layout_channels])
+                self.layout_features = mlp([graph_dim + 2 * text_dim, hidden_dim, layout_channels])
 
     def forward(
         self,
@@ -173,8 +176,10 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
         num_graphs: int,
         caption_tokens: torch.Tensor | None = None,
         caption_mask: torch.Tensor | None = None,
+        attribute_emb: torch.Tensor | None = None,
     ) -> Condition:
         """encoding (N objects, T triples, G graphs), label_emb [N, E], boxes [N, 4], has_box [N] bool,
+        attribute_emb [N, E] (mean attribute embedding per object, zeros without; gated mode reads it),
         caption_tokens [G, Lc, E] with caption_mask [G, Lc] (rows of graphs without caption all False)
         -> Condition with context [G, L, C], L = 1 + max objects + max triples (+ Lc)."""
         g = num_graphs
@@ -211,7 +216,9 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
             return self._caption_only(parts, masks, caption_mask is not None, encoding.global_, g)
         cond = Condition(context=torch.cat(parts, 1), mask=torch.cat(masks, 1), global_=encoding.global_)
         if self.config.mode == "gated":
-            cond = self._add_grounding(cond, encoding, label_emb, boxes, has_box, g)
+            if attribute_emb is None:
+                attribute_emb = torch.zeros_like(label_emb)
+            cond = self._add_grounding(cond, encoding, label_emb, attribute_emb, boxes, has_box, g)
         return cond
 
     def _caption_only(self, parts: list[torch.Tensor], masks: list[torch.Tensor], has_caption: bool,
@@ -226,11 +233,11 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
             mask = torch.ones(g, context.shape[1], dtype=torch.bool, device=context.device)
         return Condition(context=context + unused, mask=mask, global_=global_)
 
-    def _add_grounding(self, cond, encoding, label_emb, boxes, has_box, g) -> Condition:
+    def _add_grounding(self, cond, encoding, label_emb, attribute_emb, boxes, has_box, g) -> Condition:
         params = self.layout_head(encoding.objects)  # [N, 8]
         boxes = boxes.to(params)
         use_boxes = torch.where(has_box.unsqueeze(-1), boxes, mean_boxes(params))  # the mean layout until drawn
-        inputs = torch.cat([encoding.objects, label_emb.to(encoding.objects)], -1)
+        inputs = torch.cat([encoding.objects, label_emb.to(encoding.objects), attribute_emb.to(encoding.objects)], -1)
         m = self.config.max_grounding_tokens
         batch = encoding.object_batch
 
@@ -360,4 +367,5 @@ def encode_graphs(
         len(graphs),
         caption_tokens=caption_tokens,
         caption_mask=caption_mask,
+        attribute_emb=attr_emb,
     )

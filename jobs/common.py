@@ -93,12 +93,14 @@ def write_report(storage: Storage, run_uri: str, max_images: int) -> str | None:
 
 def job_main(config_cls: type, run_fn: Callable[[Any], tuple[dict, int]], argv: Sequence[str] | None,
              prog: str) -> int:
-    """CLI front of a job: bad flags, an existing run or missing input exit 2 with the reason."""
+    """CLI front of a job: bad flags, an existing run, or missing or unreadable input exit 2 with the reason."""
+    from jobs.inputs import InputFileError
+
     configure_logging()
     try:
         cfg = parse_config(config_cls, argv, prog=prog)
         _, code = run_fn(cfg)
-    except (ConfigError, RunExistsError, FileNotFoundError) as err:
+    except (ConfigError, RunExistsError, FileNotFoundError, InputFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return code

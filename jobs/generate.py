@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python -m jobs.generate --input s3://…/graphs/ --output s3://…/runs
     python -m jobs.generate            # local Ray, demo model, bundled shapes graphs, ./out/generate
 
-Ray Data streams read_parquet -> validate -> generator actors (model on GPU) -> scorer actors
+Ray Data streams read + validate (one task per input file) -> generator actors (model on GPU) -> scorer actors
 (segmenter) -> sink; the driver only receives per-batch counts, commits each input shard with a
 marker once all its rows are written, and writes summary.json at the end.
 """
@@ -20,14 +20,8 @@ from typing import Literal
 from jobs.common import fingerprint, init_ray, job_main, storage_for, versions, write_report
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER, SAMPLE_SHAPES, resolve
-from jobs.runs import (
-    InputShard,
-    Progress,
-    RunLayout,
-    discover_inputs,
-    duplicate_ids,
-    new_run_id,
-)
+from jobs.inputs import InputShard, check_graph_schema, discover_inputs, duplicate_ids
+from jobs.runs import Progress, RunLayout, new_run_id
 from jobs.stages import (
     SCORER_CPUS,
     actor_pool,
@@ -178,7 +172,7 @@ def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None)
     storage = storage_for(cfg)
     run_id = cfg.run_id or new_run_id()
     layout = RunLayout(storage, cfg.output, run_id)
-    shards = discover_inputs(storage, cfg.input)  # before touching the output: bad input fails fast
+    shards = discover_inputs(storage, cfg.input, check=check_graph_schema)  # before touching the output
     layout.prepare(cfg.resume, cfg.overwrite)
     committed = layout.committed() & {s.name for s in shards}
     pending = [s for s in shards if s.name not in committed]

@@ -2,58 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
-import pyarrow.parquet as pq
-
 from jobs.common import RunExistsError
-from sgmodel.graph import safe_key
-from workers.storage import Storage, join, split_s3
+from jobs.inputs import (  # noqa: F401 - the input helpers other jobs import from here
+    InputShard,
+    discover_inputs,
+    duplicate_ids,
+    input_columns,
+    parquet_paths,
+    shard_name,
+)
+from workers.storage import Storage, join
 
 logger = logging.getLogger("sgbatch")
 
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
-
-
-@dataclass(frozen=True)
-class InputShard:
-    uri: str
-    name: str
-    """Stable output name of this input file (survives other files being added to the input)."""
-    rows: int
-
-
-def shard_name(uri: str) -> str:
-    stem = PurePosixPath(uri).name.rsplit(".", 1)[0]
-    return f"{safe_key(stem)}-{hashlib.sha1(uri.encode()).hexdigest()[:6]}"
-
-
-def discover_inputs(storage: Storage, input_uri: str) -> list[InputShard]:
-    """Every input Parquet file with its row count (read from the footer, not the data)."""
-    return [InputShard(uri, shard_name(uri), storage.parquet_rows(uri)) for uri in storage.expand_input(input_uri)]
-
-
-def duplicate_ids(storage: Storage, shards: Iterable[InputShard]) -> frozenset[str]:
-    """Ids that occur more than once across the whole input (only the id column is read)."""
-    seen: set[str] = set()
-    dupes: set[str] = set()
-    for shard in shards:
-        for batch in storage.iter_parquet_batches(shard.uri, batch_size=65536, columns=["id"]):
-            for value in batch.column(0).to_pylist():
-                if value in seen:
-                    dupes.add(value)
-                seen.add(value)
-    return frozenset(v for v in dupes if v is not None)
 
 
 class RunLayout:
@@ -114,26 +86,6 @@ class RunLayout:
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.storage.read_text(self.path(name)))
-
-
-def parquet_paths(storage: Storage, shards: list[InputShard]) -> tuple[list[str], object, dict[str, str]]:
-    """Paths and filesystem for ``ray.data.read_parquet``, and the map from the ``path`` column to shard names."""
-    if not shards:
-        return [], None, {}
-    fs, _ = storage.filesystem(shards[0].uri)
-    paths, back = [], {}
-    for shard in shards:
-        path = "/".join(split_s3(shard.uri)) if shard.uri.startswith("s3://") else os.path.abspath(shard.uri)
-        paths.append(path)
-        back[path] = shard.name
-    return paths, fs, back
-
-
-def input_columns(storage: Storage, shard: InputShard, wanted: Iterable[str]) -> list[str]:
-    fs, path = storage.filesystem(shard.uri)
-    with fs.open_input_file(path) as f:
-        names = set(pq.ParquetFile(f).schema_arrow.names)
-    return [c for c in wanted if c in names]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The Ray Data stages the batch jobs share: read + validate, the generator actor pool, the sink.
 
 Light stages reserve little CPU so that, even on a 2-CPU machine, the generator actor and the
-reads can be scheduled side by side (Ray Data lists input files in a task needing a whole CPU).
+reads can be scheduled side by side.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from jobs.common import cluster_has_gpus
 from jobs.config import ConfigError
-from jobs.runs import InputShard, input_columns, parquet_paths
+from jobs.inputs import InputShard
 from sgmodel.graph import ValidationLimits
 from workers.storage import Storage
 
@@ -55,25 +55,17 @@ def check_cpu_budget(cfg) -> None:
 
 
 def read_validated(cfg, pending: list[InputShard], storage: Storage, dupes: frozenset[str]):
-    """read_parquet (graph columns only, with each row's file) -> validated rows (VALIDATED_SCHEMA)."""
+    """One read task per input file, each with the file's own columns -> validated rows (VALIDATED_SCHEMA)."""
     import ray
 
-    from workers.validate import GRAPH_COLUMNS, validate_batch
+    from workers.reader import ReadSettings, read_units
 
-    limits = ValidationLimits(max_text_chars=cfg.max_text_chars, max_objects=cfg.max_objects,
-                              max_relations=cfg.max_relations)
-    paths, fs, shard_of_path = parquet_paths(storage, pending)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=input_columns(storage, pending[0], GRAPH_COLUMNS),
-                               include_paths=True, **read_cpus_argument(ray.data.read_parquet))
-    return ds.map_batches(validate_batch, fn_args=(limits, dupes, shard_of_path), batch_format="pyarrow",
-                          num_cpus=READ_CPUS, batch_size=256)
-
-
-def read_cpus_argument(read_fn) -> dict:
-    """CPUs per read task: a named parameter in newer Ray, ``ray_remote_args`` (deprecated there) before."""
-    if "num_cpus" in inspect.signature(read_fn).parameters:
-        return {"num_cpus": READ_CPUS}
-    return {"ray_remote_args": {"num_cpus": READ_CPUS}}
+    settings = ReadSettings(limits=ValidationLimits(max_text_chars=cfg.max_text_chars, max_objects=cfg.max_objects,
+                                                    max_relations=cfg.max_relations),
+                            duplicate_ids=dupes, storage=storage.settings)
+    units = [{"uri": s.uri, "shard": s.name, "rows": s.rows} for s in pending if s.rows]
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    return ds.map_batches(read_units, fn_args=(settings,), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
 def generation_settings(cfg, gpus: float, steps: int | None = None):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.generate import GenerateConfig, RunExistsError, run
+from jobs.common import RunExistsError
+from jobs.generate import GenerateConfig, run
 from tests.integration.jobdata import BAD_ROWS, bad_rows, shapes_rows, write_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

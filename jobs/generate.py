@@ -21,7 +21,7 @@ from jobs.common import fingerprint, init_ray, job_main, storage_for, versions, 
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER, SAMPLE_SHAPES, resolve
 from jobs.inputs import InputShard, check_graph_schema, discover_inputs, duplicate_ids
-from jobs.runs import Progress, RunLayout, new_run_id
+from jobs.runs import Progress, RunLayout, new_run_id, run_id_problem
 from jobs.stages import (
     SCORER_CPUS,
     actor_pool,
@@ -51,7 +51,8 @@ class GenerateConfig:
     segmenter: str = DEMO_SEGMENTER
     """Segmentation model folder or hub id for recall; 'none' turns scoring off."""
     run_id: str | None = None
-    """Name of the run (default: run-YYYYmmdd-HHMMSS). Give the same id with --resume."""
+    """Name of the run folder (default: run-YYYYmmdd-HHMMSS): 1-128 of A-Z a-z 0-9 . _ -, not . or ..
+    Give the same id with --resume."""
     samples_per_graph: int = 1
     """Images per scene graph."""
     steps: int = 25
@@ -120,6 +121,8 @@ class GenerateConfig:
             value = getattr(self, name)
             require(value is None or value >= 8, name, value, "must be >= 8")
         require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        problem = run_id_problem(self.run_id) if self.run_id is not None else None
+        require(problem is None, "run_id", (self.run_id or "")[:160], problem or "")
         for name in ("gpus_per_worker", "scorer_gpus"):
             value = getattr(self, name)
             require(value is None or value >= 0, name, value, "must be >= 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 from jobs.common import RunExistsError
+from jobs.config import ConfigError
 from jobs.inputs import (  # noqa: F401 - the input helpers other jobs import from here
     InputShard,
     discover_inputs,
@@ -23,15 +25,33 @@ from workers.storage import Storage, join
 
 logger = logging.getLogger("sgbatch")
 
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+
+
+def run_id_problem(run_id: str) -> str | None:
+    """Why ``run_id`` cannot name a run folder, or None. It must be one path segment that stays inside --output."""
+    if not RUN_ID.fullmatch(run_id):
+        return "must be 1-128 characters from A-Z a-z 0-9 . _ - (one folder name)"
+    if run_id in (".", ".."):
+        return "must not be '.' or '..'"
+    return None
+
+
+def check_run_id(run_id: str) -> None:
+    problem = run_id_problem(run_id)
+    if problem:
+        raise ConfigError(f"--run-id = {run_id[:160]!r}: {problem}")
 
 
 class RunLayout:
     """``{output}/{run_id}/``: images/, metadata/, errors/, _markers/, run.json, summary.json, report.html."""
 
     def __init__(self, storage: Storage, output: str, run_id: str) -> None:
+        check_run_id(run_id)
         self.storage = storage
         self.uri = join(output, run_id)
         self.run_id = run_id

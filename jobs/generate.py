@@ -3,9 +3,10 @@
     ray job submit --working-dir . -- python -m jobs.generate --input s3://…/graphs/ --output s3://…/runs
     python -m jobs.generate            # local Ray, demo model, bundled shapes graphs, ./out/generate
 
-Ray Data streams read + validate (one task per input file) -> generator actors (model on GPU) -> scorer actors
-(segmenter) -> sink; the driver only receives per-batch counts, commits each input shard with a
-marker once all its rows are written, and writes summary.json at the end.
+Ray Data streams read + validate (one task per input file) -> generator actors (model on GPU) ->
+scorer actors (segmenter) -> sink; the driver only receives per-batch counts, commits each input
+shard with its stats file as soon as all its rows are written, logs progress on a clock, and
+writes summary.json at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from jobs.common import fingerprint, init_ray, job_main, storage_for, versions, 
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER, SAMPLE_SHAPES, resolve
 from jobs.inputs import InputShard, check_graph_schema, discover_inputs, duplicate_ids
-from jobs.runs import Progress, RunLayout, new_run_id, run_id_problem
+from jobs.progress import Progress
+from jobs.runs import RunLayout, new_run_id, run_id_problem
 from jobs.stages import (
     SCORER_CPUS,
     actor_pool,
@@ -108,7 +110,10 @@ class GenerateConfig:
     s3_region: str | None = None
     """S3 region (default: AWS_REGION)."""
     log_every: float = 10.0
-    """Seconds between progress lines."""
+    """Seconds between progress lines (rows, images/s, mean recall, shards committed, ETA)."""
+    sink_rows: int | None = None
+    """Rows per write of the sink (default: every generator batch as soon as it is done). A larger N writes
+    fewer, larger metadata files, and a shard is committed only once its last N rows are in."""
 
     def __post_init__(self) -> None:
         for name in ("samples_per_graph", "steps", "batch_size", "scorer_workers", "max_objects", "max_relations",
@@ -123,6 +128,8 @@ class GenerateConfig:
         require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         problem = run_id_problem(self.run_id) if self.run_id is not None else None
         require(problem is None, "run_id", (self.run_id or "")[:160], problem or "")
+        require(self.sink_rows is None or self.sink_rows >= 1, "sink_rows", self.sink_rows, "must be >= 1")
+        require(self.log_every > 0, "log_every", self.log_every, "must be > 0")
         for name in ("gpus_per_worker", "scorer_gpus"):
             value = getattr(self, name)
             require(value is None or value >= 0, name, value, "must be >= 0")
@@ -162,9 +169,9 @@ def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Stora
                          where.generator_gpus)
     if cfg.scoring:
         score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
+        # batch_size=None: each generator call's images are scored as they come (streaming)
         ds = ds.map_batches(Scorer, fn_constructor_args=(score, storage.settings), batch_format="pyarrow",
-                            batch_size=max(16, cfg.batch_size * cfg.samples_per_graph),
-                            compute=actor_pool(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
+                            batch_size=None, compute=actor_pool(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
                             num_cpus=SCORER_CPUS)
     return sink_stage(ds, cfg, run_uri, model_fp, storage)
 
@@ -173,8 +180,7 @@ def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None)
     """Run the job; returns (summary, exit code). The SBPC job reuses this with its own stage and statistics."""
     cfg = cfg.resolved()
     storage = storage_for(cfg)
-    run_id = cfg.run_id or new_run_id()
-    layout = RunLayout(storage, cfg.output, run_id)
+    layout = RunLayout(storage, cfg.output, cfg.run_id or new_run_id())
     shards = discover_inputs(storage, cfg.input, check=check_graph_schema)  # before touching the output
     layout.prepare(cfg.resume, cfg.overwrite)
     committed = layout.committed() & {s.name for s in shards}
@@ -183,22 +189,24 @@ def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None)
     dupes = duplicate_ids(storage, shards)
     model_fp = fingerprint(storage, cfg.model)
     layout.write_json("run.json", {
-        "job": job, "run_id": run_id, "config": dataclasses.asdict(cfg), "model_fingerprint": model_fp,
+        "job": job, "run_id": layout.run_id, "config": dataclasses.asdict(cfg), "model_fingerprint": model_fp,
         "versions": versions(), "inputs": [dataclasses.asdict(s) for s in shards],
         "resumed": bool(cfg.resume and committed), "skipped_shards": sorted(committed),
     })
     logger.info("%s run %s: %d input shards (%d rows), %d already committed, %d partial files removed",
                 job, layout.uri, len(shards), sum(s.rows for s in shards), len(committed), removed)
 
-    progress = Progress({s.name: s for s in shards}, layout, log_every=cfg.log_every)
-    if pending:
-        init_ray()
-        ds = (build or build_dataset)(cfg, pending, storage, dupes, layout.uri, model_fp)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            progress.update(batch.to_pylist())
-        progress.log()
+    progress = Progress(shards, layout, committed, log_every=cfg.log_every)
+    progress.commit_empty()
+    if any(s.rows for s in pending):
+        with progress.ticking():
+            init_ray()
+            ds = (build or build_dataset)(cfg, pending, storage, dupes, layout.uri, model_fp)
+            # prefetch_batches=0: hand each result over as soon as it exists, not when the next one does
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                progress.update(batch.to_pylist())
     summary = summarize(storage, layout.uri, rows_in=sum(s.rows for s in shards), extra={
-        "run_id": run_id, "run": layout.uri, "job": job, "model_fingerprint": model_fp,
+        "run_id": layout.run_id, "run": layout.uri, "job": job, "model_fingerprint": model_fp,
         "shards": len(shards), "shards_skipped": len(committed), "shards_committed_now": len(progress.committed_now),
         "elapsed_seconds": round(progress.elapsed, 2),
         "images_per_second": round(progress.images / progress.elapsed, 3) if progress.elapsed else None,

@@ -1,13 +1,11 @@
-"""What every batch job shares: the run folder, its inputs as shards, commit markers, progress, Ray start-up."""
+"""A run's folder: its id, its layout, and the per-shard stats files that commit finished input shards."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
@@ -26,6 +24,8 @@ from workers.storage import Storage, join
 logger = logging.getLogger("sgbatch")
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+STATS_FOLDER = "stats"
+STATS_SUFFIX = "_stats.json"
 
 
 def new_run_id() -> str:
@@ -48,7 +48,11 @@ def check_run_id(run_id: str) -> None:
 
 
 class RunLayout:
-    """``{output}/{run_id}/``: images/, metadata/, errors/, _markers/, run.json, summary.json, report.html."""
+    """``{output}/{run_id}/``: images/, metadata/, errors/, stats/, run.json, summary.json, report.html.
+
+    ``stats/{shard}_stats.json`` is written last for each input shard, once all its rows are in
+    metadata/ or errors/: it is the shard's commit marker (as img2dataset's stats files are).
+    """
 
     def __init__(self, storage: Storage, output: str, run_id: str) -> None:
         check_run_id(run_id)
@@ -75,12 +79,12 @@ class RunLayout:
                 f"run {self.uri!r} already exists: pass --resume to finish it or --overwrite to start it again"
             )
 
-    def marker(self, shard: str) -> str:
-        return self.path("_markers", f"{shard}.json")
+    def stats_file(self, shard: str) -> str:
+        return self.path(STATS_FOLDER, f"{shard}{STATS_SUFFIX}")
 
     def committed(self) -> set[str]:
-        return {PurePosixPath(u).name[: -len(".json")] for u in self.storage.list(self.path("_markers"))
-                if u.endswith(".json")}
+        return {PurePosixPath(u).name[: -len(STATS_SUFFIX)] for u in self.storage.list(self.path(STATS_FOLDER))
+                if u.endswith(STATS_SUFFIX)}
 
     def clean_partial(self, shards: Iterable[str]) -> int:
         """Delete what an interrupted attempt left for uncommitted shards (its batches may differ now)."""
@@ -98,61 +102,11 @@ class RunLayout:
                     removed += 1
         return removed
 
-    def write_marker(self, shard: str, stats: dict) -> None:
-        self.storage.write_text(self.marker(shard), json.dumps(stats, indent=2) + "\n")
+    def write_stats(self, shard: str, stats: dict) -> None:
+        self.storage.write_text(self.stats_file(shard), json.dumps(stats, indent=2) + "\n")
 
     def write_json(self, name: str, data: dict) -> None:
         self.storage.write_text(self.path(name), json.dumps(data, indent=2, default=str) + "\n")
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.storage.read_text(self.path(name)))
-
-
-@dataclass
-class Progress:
-    """Tracks rows per shard (to commit shards) and prints periodic progress lines."""
-
-    shards: dict[str, InputShard]
-    layout: RunLayout
-    log_every: float = 10.0
-    done_rows: dict[str, int] = field(default_factory=dict)
-    images: int = 0
-    errors: int = 0
-    recall_sum: float = 0.0
-    recall_count: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    _last: float = field(default_factory=time.perf_counter)
-    committed_now: list[str] = field(default_factory=list)
-
-    def update(self, stats: list[dict]) -> None:
-        for s in stats:
-            shard = s["shard"]
-            self.done_rows[shard] = self.done_rows.get(shard, 0) + int(s["rows"])
-            self.images += int(s["images"])
-            self.errors += int(s["errors"])
-            self.recall_sum += float(s["recall_sum"])
-            self.recall_count += int(s["recall_count"])
-            expected = self.shards[shard].rows
-            if self.done_rows[shard] == expected:
-                self.layout.write_marker(shard, {"shard": shard, "input": self.shards[shard].uri, "rows": expected,
-                                                  "finished": datetime.now(timezone.utc).isoformat()})
-                self.committed_now.append(shard)
-            elif self.done_rows[shard] > expected:
-                logger.warning("shard %s: %d rows seen for %d in the input", shard, self.done_rows[shard], expected)
-        now = time.perf_counter()
-        if now - self._last >= self.log_every:
-            self._last = now
-            self.log()
-
-    def log(self) -> None:
-        elapsed = time.perf_counter() - self.started
-        rows = sum(self.done_rows.values())
-        total = sum(s.rows for s in self.shards.values())
-        recall = self.recall_sum / self.recall_count if self.recall_count else float("nan")
-        logger.info("%d/%d rows, %d images (%.2f images/s), %d errors, mean recall %.3f, %d shards committed",
-                    rows, total, self.images, self.images / max(elapsed, 1e-9), self.errors, recall,
-                    len(self.committed_now))
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started

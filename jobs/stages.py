@@ -2,6 +2,10 @@
 
 Light stages reserve little CPU so that, even on a 2-CPU machine, the generator actor and the
 reads can be scheduled side by side.
+
+Results stream: after the generator, each stage takes the blocks as they come (one generator call
+each) instead of gathering a fixed number of rows, so a batch is written, counted and its shard
+committed seconds after the generator finishes it. ``--sink-rows`` trades that for fewer files.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ from sgmodel.graph import ValidationLimits
 from workers.storage import Storage
 
 READ_CPUS, SINK_CPUS, SCORER_CPUS = 0.1, 0.1, 0.25
-SINK_ROWS = 256
-"""Rows per sink call: each call writes one metadata file (and one tar in WebDataset output) per input shard."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,13 @@ def generator_stage(ds, cfg, actor_cls, constructor_args: tuple, gpus: float):
 
 
 def sink_stage(ds, cfg, run_uri: str, model_fp: str, storage: Storage):
+    """One writer actor; each call writes one metadata file (and one tar in WebDataset output) per input shard.
+
+    By default it writes every block as it arrives (``batch_size=None``); ``--sink-rows N`` gathers N
+    rows per call instead.
+    """
     from workers.sink import Sink, SinkSettings
 
     sink = SinkSettings(run_uri=run_uri, output_format=cfg.output_format, model_fingerprint=model_fp)
     return ds.map_batches(Sink, fn_constructor_args=(sink, storage.settings), batch_format="pyarrow",
-                          batch_size=SINK_ROWS, compute=actor_pool(size=1), num_cpus=SINK_CPUS)
+                          batch_size=cfg.sink_rows, compute=actor_pool(size=1), num_cpus=SINK_CPUS)

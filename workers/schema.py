@@ -119,6 +119,10 @@ STATS_SCHEMA = pa.schema(
         pa.field("errors", pa.int64()),
         pa.field("recall_sum", pa.float64()),
         pa.field("recall_count", pa.int64()),
+        pa.field("errors_by_reason", pa.string()),
+        pa.field("started", pa.float64()),
     ]
 )
-"""What the sink returns to the driver per (batch, shard): small, so the driver's memory stays flat."""
+"""What the sink returns to the driver per (batch, shard): small, so the driver's memory stays flat.
+``errors_by_reason`` is a JSON object {code: rows}; ``started`` (epoch seconds) when the generator began
+the earliest batch of these rows."""

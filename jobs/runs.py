@@ -24,6 +24,7 @@ from workers.storage import Storage, join
 logger = logging.getLogger("sgbatch")
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+LEASE_FILE = "_lease.json"
 STATS_FOLDER = "stats"
 STATS_SUFFIX = "_stats.json"
 
@@ -52,6 +53,7 @@ class RunLayout:
 
     ``stats/{shard}_stats.json`` is written last for each input shard, once all its rows are in
     metadata/ or errors/: it is the shard's commit marker (as img2dataset's stats files are).
+    ``_lease.json`` is held while a run works in the folder.
     """
 
     def __init__(self, storage: Storage, output: str, run_id: str) -> None:
@@ -63,8 +65,16 @@ class RunLayout:
     def path(self, *parts: str) -> str:
         return join(self.uri, *parts)
 
+    @property
+    def lease_uri(self) -> str:
+        return self.path(LEASE_FILE)
+
+    def files(self) -> list[str]:
+        """Every file of the run but its lease."""
+        return [u for u in self.storage.list(self.uri) if u != self.lease_uri]
+
     def exists(self) -> bool:
-        return bool(self.storage.list(self.uri))
+        return bool(self.files())
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         if resume and overwrite:
@@ -72,8 +82,10 @@ class RunLayout:
         if not self.exists():
             return
         if overwrite:
-            removed = self.storage.delete_prefix(self.uri)
-            logger.info("--overwrite: removed %d files under %s", removed, self.uri)
+            files = self.files()
+            for uri in files:
+                self.storage.delete(uri)
+            logger.info("--overwrite: removed %d files under %s", len(files), self.uri)
         elif not resume:
             raise RunExistsError(
                 f"run {self.uri!r} already exists: pass --resume to finish it or --overwrite to start it again"

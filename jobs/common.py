@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jobs.config import ConfigError, parse_config
-from workers.storage import Storage, StorageSettings
+from workers.storage import Storage, StorageSettings, redact
 
 logger = logging.getLogger("sgbatch")
 
@@ -20,8 +20,21 @@ class RunExistsError(RuntimeError):
     """The run folder exists and neither --resume nor --overwrite was given."""
 
 
+class RedactingFilter(logging.Filter):
+    """Replaces ``user:password@`` in every URL of a record's message before any handler writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def configure_logging() -> None:
     """Progress lines on stdout (what ``ray job logs`` shows), whatever logging Ray set up before."""
+    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+        logger.addFilter(RedactingFilter())
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s sgbatch %(levelname)s %(message)s"))
@@ -93,12 +106,19 @@ def write_report(storage: Storage, run_uri: str, max_images: int) -> str | None:
 
 def job_main(config_cls: type, run_fn: Callable[[Any], tuple[dict, int]], argv: Sequence[str] | None,
              prog: str) -> int:
-    """CLI front of a job: bad flags, an existing run or missing input exit 2 with the reason."""
+    """CLI front of a job: bad flags, an existing or busy run, or missing or unreadable input exit 2 with the
+    reason on one line; a run whose lease another run took over exits 1 the same way."""
+    from jobs.inputs import InputFileError
+    from jobs.lease import LeaseLostError
+
     configure_logging()
     try:
         cfg = parse_config(config_cls, argv, prog=prog)
         _, code = run_fn(cfg)
-    except (ConfigError, RunExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, RunExistsError, FileNotFoundError, InputFileError) as err:
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
+    except LeaseLostError as err:
+        print(f"error: {redact(str(err))}", file=sys.stderr)
+        return 1
     return code

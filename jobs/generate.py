@@ -3,9 +3,10 @@
     ray job submit --working-dir . -- python -m jobs.generate --input s3://…/graphs/ --output s3://…/runs
     python -m jobs.generate            # local Ray, demo model, bundled shapes graphs, ./out/generate
 
-Ray Data streams read_parquet -> validate -> generator actors (model on GPU) -> scorer actors
-(segmenter) -> sink; the driver only receives per-batch counts, commits each input shard with a
-marker once all its rows are written, and writes summary.json at the end.
+Ray Data streams read + validate (one task per input file) -> generator actors (model on GPU) ->
+scorer actors (segmenter) -> sink; the driver only receives per-batch counts, commits each input
+shard with its stats file as soon as all its rows are written, logs progress on a clock, and
+writes summary.json at the end. The run holds a lease on its folder throughout (jobs.lease).
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ from typing import Literal
 from jobs.common import fingerprint, init_ray, job_main, storage_for, versions, write_report
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER, SAMPLE_SHAPES, resolve
-from jobs.runs import (
-    InputShard,
-    Progress,
-    RunLayout,
-    discover_inputs,
-    duplicate_ids,
-    new_run_id,
-)
+from jobs.inputs import InputShard, check_graph_schema, discover_inputs, duplicate_ids
+from jobs.lease import DEFAULT_TIMEOUT, RunLease
+from jobs.progress import Progress
+from jobs.runs import RunLayout, new_run_id, run_id_problem
 from jobs.stages import (
     SCORER_CPUS,
     actor_pool,
@@ -39,7 +36,7 @@ from jobs.stages import (
     sink_stage,
 )
 from jobs.summary import summarize
-from workers.storage import Storage
+from workers.storage import Storage, redact_values
 
 logger = logging.getLogger("sgbatch")
 
@@ -57,7 +54,8 @@ class GenerateConfig:
     segmenter: str = DEMO_SEGMENTER
     """Segmentation model folder or hub id for recall; 'none' turns scoring off."""
     run_id: str | None = None
-    """Name of the run (default: run-YYYYmmdd-HHMMSS). Give the same id with --resume."""
+    """Name of the run folder (default: run-YYYYmmdd-HHMMSS): 1-128 of A-Z a-z 0-9 . _ -, not . or ..
+    Give the same id with --resume."""
     samples_per_graph: int = 1
     """Images per scene graph."""
     steps: int = 25
@@ -116,7 +114,13 @@ class GenerateConfig:
     s3_region: str | None = None
     """S3 region (default: AWS_REGION)."""
     log_every: float = 10.0
-    """Seconds between progress lines."""
+    """Seconds between progress lines (rows, images/s, mean recall, shards committed, ETA)."""
+    sink_rows: int | None = None
+    """Rows per write of the sink (default: every generator batch as soon as it is done). A larger N writes
+    fewer, larger metadata files, and a shard is committed only once its last N rows are in."""
+    lease_timeout: float = DEFAULT_TIMEOUT
+    """Seconds without a heartbeat after which a run's lease counts as abandoned (--resume may then take it
+    over); the holder renews it every timeout/6 seconds."""
 
     def __post_init__(self) -> None:
         for name in ("samples_per_graph", "steps", "batch_size", "scorer_workers", "max_objects", "max_relations",
@@ -129,6 +133,11 @@ class GenerateConfig:
             value = getattr(self, name)
             require(value is None or value >= 8, name, value, "must be >= 8")
         require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        problem = run_id_problem(self.run_id) if self.run_id is not None else None
+        require(problem is None, "run_id", (self.run_id or "")[:160], problem or "")
+        require(self.sink_rows is None or self.sink_rows >= 1, "sink_rows", self.sink_rows, "must be >= 1")
+        require(self.log_every > 0, "log_every", self.log_every, "must be > 0")
+        require(self.lease_timeout >= 1, "lease_timeout", self.lease_timeout, "must be >= 1 second")
         for name in ("gpus_per_worker", "scorer_gpus"):
             value = getattr(self, name)
             require(value is None or value >= 0, name, value, "must be >= 0")
@@ -168,43 +177,57 @@ def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Stora
                          where.generator_gpus)
     if cfg.scoring:
         score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
+        # batch_size=None: each generator call's images are scored as they come (streaming)
         ds = ds.map_batches(Scorer, fn_constructor_args=(score, storage.settings), batch_format="pyarrow",
-                            batch_size=max(16, cfg.batch_size * cfg.samples_per_graph),
-                            compute=actor_pool(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
+                            batch_size=None, compute=actor_pool(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
                             num_cpus=SCORER_CPUS)
     return sink_stage(ds, cfg, run_uri, model_fp, storage)
 
 
 def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None) -> tuple[dict, int]:
-    """Run the job; returns (summary, exit code). The SBPC job reuses this with its own stage and statistics."""
+    """Run the job; returns (summary, exit code). The SBPC job reuses this with its own stage and statistics.
+
+    Nothing is written before the input is checked (every file's footer and schema), and nothing is
+    written or deleted in the run folder before its lease is held.
+    """
     cfg = cfg.resolved()
     storage = storage_for(cfg)
-    run_id = cfg.run_id or new_run_id()
-    layout = RunLayout(storage, cfg.output, run_id)
-    shards = discover_inputs(storage, cfg.input)  # before touching the output: bad input fails fast
+    layout = RunLayout(storage, cfg.output, cfg.run_id or new_run_id())
+    shards = discover_inputs(storage, cfg.input, check=check_graph_schema)
+    with RunLease(storage, layout.lease_uri, layout.uri, timeout=cfg.lease_timeout) as lease:
+        lease.acquire(take_over=cfg.resume or cfg.overwrite)
+        return _run_leased(cfg, job, build, statistics, storage, layout, shards, lease)
+
+
+def _run_leased(cfg: GenerateConfig, job: str, build, statistics, storage: Storage, layout: RunLayout,
+                shards: list[InputShard], lease: RunLease) -> tuple[dict, int]:
     layout.prepare(cfg.resume, cfg.overwrite)
     committed = layout.committed() & {s.name for s in shards}
     pending = [s for s in shards if s.name not in committed]
     removed = layout.clean_partial(s.name for s in pending) if cfg.resume else 0
     dupes = duplicate_ids(storage, shards)
     model_fp = fingerprint(storage, cfg.model)
-    layout.write_json("run.json", {
-        "job": job, "run_id": run_id, "config": dataclasses.asdict(cfg), "model_fingerprint": model_fp,
+    layout.write_json("run.json", redact_values({
+        "job": job, "run_id": layout.run_id, "config": dataclasses.asdict(cfg), "model_fingerprint": model_fp,
         "versions": versions(), "inputs": [dataclasses.asdict(s) for s in shards],
         "resumed": bool(cfg.resume and committed), "skipped_shards": sorted(committed),
-    })
+    }))
     logger.info("%s run %s: %d input shards (%d rows), %d already committed, %d partial files removed",
                 job, layout.uri, len(shards), sum(s.rows for s in shards), len(committed), removed)
 
-    progress = Progress({s.name: s for s in shards}, layout, log_every=cfg.log_every)
-    if pending:
-        init_ray()
-        ds = (build or build_dataset)(cfg, pending, storage, dupes, layout.uri, model_fp)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            progress.update(batch.to_pylist())
-        progress.log()
+    progress = Progress(shards, layout, committed, log_every=cfg.log_every)
+    progress.commit_empty()
+    if any(s.rows for s in pending):
+        with progress.ticking():
+            init_ray()
+            ds = (build or build_dataset)(cfg, pending, storage, dupes, layout.uri, model_fp)
+            # prefetch_batches=0: hand each result over as soon as it exists, not when the next one does
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                lease.check()
+                progress.update(batch.to_pylist())
+    lease.check()
     summary = summarize(storage, layout.uri, rows_in=sum(s.rows for s in shards), extra={
-        "run_id": run_id, "run": layout.uri, "job": job, "model_fingerprint": model_fp,
+        "run_id": layout.run_id, "run": layout.uri, "job": job, "model_fingerprint": model_fp,
         "shards": len(shards), "shards_skipped": len(committed), "shards_committed_now": len(progress.committed_now),
         "elapsed_seconds": round(progress.elapsed, 2),
         "images_per_second": round(progress.images / progress.elapsed, 3) if progress.elapsed else None,
@@ -213,7 +236,7 @@ def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None)
         summary[job] = statistics(storage, layout.uri, cfg)
     code = exit_code(summary, cfg.max_error_fraction)
     summary["status"] = "succeeded" if code == 0 else "failed"
-    layout.write_json("summary.json", summary)
+    layout.write_json("summary.json", redact_values(summary))
     report = write_report(storage, layout.uri, cfg.report_max_images) if cfg.report else None
     print_result(layout, summary, report)
     return summary, code

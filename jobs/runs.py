@@ -1,65 +1,63 @@
-"""What every batch job shares: the run folder, its inputs as shards, commit markers, progress, Ray start-up."""
+"""A run's folder: its id, its layout, and the per-shard stats files that commit finished input shards."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import time
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
-import pyarrow.parquet as pq
-
 from jobs.common import RunExistsError
-from sgmodel.graph import safe_key
-from workers.storage import Storage, join, split_s3
+from jobs.config import ConfigError
+from jobs.inputs import (  # noqa: F401 - the input helpers other jobs import from here
+    InputShard,
+    discover_inputs,
+    duplicate_ids,
+    input_columns,
+    parquet_paths,
+    shard_name,
+)
+from workers.storage import Storage, join
 
 logger = logging.getLogger("sgbatch")
+
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+LEASE_FILE = "_lease.json"
+STATS_FOLDER = "stats"
+STATS_SUFFIX = "_stats.json"
 
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
 
 
-@dataclass(frozen=True)
-class InputShard:
-    uri: str
-    name: str
-    """Stable output name of this input file (survives other files being added to the input)."""
-    rows: int
+def run_id_problem(run_id: str) -> str | None:
+    """Why ``run_id`` cannot name a run folder, or None. It must be one path segment that stays inside --output."""
+    if not RUN_ID.fullmatch(run_id):
+        return "must be 1-128 characters from A-Z a-z 0-9 . _ - (one folder name)"
+    if run_id in (".", ".."):
+        return "must not be '.' or '..'"
+    return None
 
 
-def shard_name(uri: str) -> str:
-    stem = PurePosixPath(uri).name.rsplit(".", 1)[0]
-    return f"{safe_key(stem)}-{hashlib.sha1(uri.encode()).hexdigest()[:6]}"
-
-
-def discover_inputs(storage: Storage, input_uri: str) -> list[InputShard]:
-    """Every input Parquet file with its row count (read from the footer, not the data)."""
-    return [InputShard(uri, shard_name(uri), storage.parquet_rows(uri)) for uri in storage.expand_input(input_uri)]
-
-
-def duplicate_ids(storage: Storage, shards: Iterable[InputShard]) -> frozenset[str]:
-    """Ids that occur more than once across the whole input (only the id column is read)."""
-    seen: set[str] = set()
-    dupes: set[str] = set()
-    for shard in shards:
-        for batch in storage.iter_parquet_batches(shard.uri, batch_size=65536, columns=["id"]):
-            for value in batch.column(0).to_pylist():
-                if value in seen:
-                    dupes.add(value)
-                seen.add(value)
-    return frozenset(v for v in dupes if v is not None)
+def check_run_id(run_id: str) -> None:
+    problem = run_id_problem(run_id)
+    if problem:
+        raise ConfigError(f"--run-id = {run_id[:160]!r}: {problem}")
 
 
 class RunLayout:
-    """``{output}/{run_id}/``: images/, metadata/, errors/, _markers/, run.json, summary.json, report.html."""
+    """``{output}/{run_id}/``: images/, metadata/, errors/, stats/, run.json, summary.json, report.html.
+
+    ``stats/{shard}_stats.json`` is written last for each input shard, once all its rows are in
+    metadata/ or errors/: it is the shard's commit marker (as img2dataset's stats files are).
+    ``_lease.json`` is held while a run works in the folder.
+    """
 
     def __init__(self, storage: Storage, output: str, run_id: str) -> None:
+        check_run_id(run_id)
         self.storage = storage
         self.uri = join(output, run_id)
         self.run_id = run_id
@@ -67,8 +65,16 @@ class RunLayout:
     def path(self, *parts: str) -> str:
         return join(self.uri, *parts)
 
+    @property
+    def lease_uri(self) -> str:
+        return self.path(LEASE_FILE)
+
+    def files(self) -> list[str]:
+        """Every file of the run but its lease."""
+        return [u for u in self.storage.list(self.uri) if u != self.lease_uri]
+
     def exists(self) -> bool:
-        return bool(self.storage.list(self.uri))
+        return bool(self.files())
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         if resume and overwrite:
@@ -76,19 +82,21 @@ class RunLayout:
         if not self.exists():
             return
         if overwrite:
-            removed = self.storage.delete_prefix(self.uri)
-            logger.info("--overwrite: removed %d files under %s", removed, self.uri)
+            files = self.files()
+            for uri in files:
+                self.storage.delete(uri)
+            logger.info("--overwrite: removed %d files under %s", len(files), self.uri)
         elif not resume:
             raise RunExistsError(
                 f"run {self.uri!r} already exists: pass --resume to finish it or --overwrite to start it again"
             )
 
-    def marker(self, shard: str) -> str:
-        return self.path("_markers", f"{shard}.json")
+    def stats_file(self, shard: str) -> str:
+        return self.path(STATS_FOLDER, f"{shard}{STATS_SUFFIX}")
 
     def committed(self) -> set[str]:
-        return {PurePosixPath(u).name[: -len(".json")] for u in self.storage.list(self.path("_markers"))
-                if u.endswith(".json")}
+        return {PurePosixPath(u).name[: -len(STATS_SUFFIX)] for u in self.storage.list(self.path(STATS_FOLDER))
+                if u.endswith(STATS_SUFFIX)}
 
     def clean_partial(self, shards: Iterable[str]) -> int:
         """Delete what an interrupted attempt left for uncommitted shards (its batches may differ now)."""
@@ -106,81 +114,11 @@ class RunLayout:
                     removed += 1
         return removed
 
-    def write_marker(self, shard: str, stats: dict) -> None:
-        self.storage.write_text(self.marker(shard), json.dumps(stats, indent=2) + "\n")
+    def write_stats(self, shard: str, stats: dict) -> None:
+        self.storage.write_text(self.stats_file(shard), json.dumps(stats, indent=2) + "\n")
 
     def write_json(self, name: str, data: dict) -> None:
         self.storage.write_text(self.path(name), json.dumps(data, indent=2, default=str) + "\n")
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.storage.read_text(self.path(name)))
-
-
-def parquet_paths(storage: Storage, shards: list[InputShard]) -> tuple[list[str], object, dict[str, str]]:
-    """Paths and filesystem for ``ray.data.read_parquet``, and the map from the ``path`` column to shard names."""
-    if not shards:
-        return [], None, {}
-    fs, _ = storage.filesystem(shards[0].uri)
-    paths, back = [], {}
-    for shard in shards:
-        path = "/".join(split_s3(shard.uri)) if shard.uri.startswith("s3://") else os.path.abspath(shard.uri)
-        paths.append(path)
-        back[path] = shard.name
-    return paths, fs, back
-
-
-def input_columns(storage: Storage, shard: InputShard, wanted: Iterable[str]) -> list[str]:
-    fs, path = storage.filesystem(shard.uri)
-    with fs.open_input_file(path) as f:
-        names = set(pq.ParquetFile(f).schema_arrow.names)
-    return [c for c in wanted if c in names]
-
-
-@dataclass
-class Progress:
-    """Tracks rows per shard (to commit shards) and prints periodic progress lines."""
-
-    shards: dict[str, InputShard]
-    layout: RunLayout
-    log_every: float = 10.0
-    done_rows: dict[str, int] = field(default_factory=dict)
-    images: int = 0
-    errors: int = 0
-    recall_sum: float = 0.0
-    recall_count: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    _last: float = field(default_factory=time.perf_counter)
-    committed_now: list[str] = field(default_factory=list)
-
-    def update(self, stats: list[dict]) -> None:
-        for s in stats:
-            shard = s["shard"]
-            self.done_rows[shard] = self.done_rows.get(shard, 0) + int(s["rows"])
-            self.images += int(s["images"])
-            self.errors += int(s["errors"])
-            self.recall_sum += float(s["recall_sum"])
-            self.recall_count += int(s["recall_count"])
-            expected = self.shards[shard].rows
-            if self.done_rows[shard] == expected:
-                self.layout.write_marker(shard, {"shard": shard, "input": self.shards[shard].uri, "rows": expected,
-                                                  "finished": datetime.now(timezone.utc).isoformat()})
-                self.committed_now.append(shard)
-            elif self.done_rows[shard] > expected:
-                logger.warning("shard %s: %d rows seen for %d in the input", shard, self.done_rows[shard], expected)
-        now = time.perf_counter()
-        if now - self._last >= self.log_every:
-            self._last = now
-            self.log()
-
-    def log(self) -> None:
-        elapsed = time.perf_counter() - self.started
-        rows = sum(self.done_rows.values())
-        total = sum(s.rows for s in self.shards.values())
-        recall = self.recall_sum / self.recall_count if self.recall_count else float("nan")
-        logger.info("%d/%d rows, %d images (%.2f images/s), %d errors, mean recall %.3f, %d shards committed",
-                    rows, total, self.images, self.images / max(elapsed, 1e-9), self.errors, recall,
-                    len(self.committed_now))
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started

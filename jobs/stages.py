@@ -1,7 +1,11 @@
 """The Ray Data stages the batch jobs share: read + validate, the generator actor pool, the sink.
 
 Light stages reserve little CPU so that, even on a 2-CPU machine, the generator actor and the
-reads can be scheduled side by side (Ray Data lists input files in a task needing a whole CPU).
+reads can be scheduled side by side.
+
+Results stream: after the generator, each stage takes the blocks as they come (one generator call
+each) instead of gathering a fixed number of rows, so a batch is written, counted and its shard
+committed seconds after the generator finishes it. ``--sink-rows`` trades that for fewer files.
 """
 
 from __future__ import annotations
@@ -12,13 +16,11 @@ from dataclasses import dataclass
 
 from jobs.common import cluster_has_gpus
 from jobs.config import ConfigError
-from jobs.runs import InputShard, input_columns, parquet_paths
+from jobs.inputs import InputShard
 from sgmodel.graph import ValidationLimits
 from workers.storage import Storage
 
 READ_CPUS, SINK_CPUS, SCORER_CPUS = 0.1, 0.1, 0.25
-SINK_ROWS = 256
-"""Rows per sink call: each call writes one metadata file (and one tar in WebDataset output) per input shard."""
 
 
 @dataclass(frozen=True)
@@ -55,25 +57,17 @@ def check_cpu_budget(cfg) -> None:
 
 
 def read_validated(cfg, pending: list[InputShard], storage: Storage, dupes: frozenset[str]):
-    """read_parquet (graph columns only, with each row's file) -> validated rows (VALIDATED_SCHEMA)."""
+    """One read task per input file, each with the file's own columns -> validated rows (VALIDATED_SCHEMA)."""
     import ray
 
-    from workers.validate import GRAPH_COLUMNS, validate_batch
+    from workers.reader import ReadSettings, read_units
 
-    limits = ValidationLimits(max_text_chars=cfg.max_text_chars, max_objects=cfg.max_objects,
-                              max_relations=cfg.max_relations)
-    paths, fs, shard_of_path = parquet_paths(storage, pending)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=input_columns(storage, pending[0], GRAPH_COLUMNS),
-                               include_paths=True, **read_cpus_argument(ray.data.read_parquet))
-    return ds.map_batches(validate_batch, fn_args=(limits, dupes, shard_of_path), batch_format="pyarrow",
-                          num_cpus=READ_CPUS, batch_size=256)
-
-
-def read_cpus_argument(read_fn) -> dict:
-    """CPUs per read task: a named parameter in newer Ray, ``ray_remote_args`` (deprecated there) before."""
-    if "num_cpus" in inspect.signature(read_fn).parameters:
-        return {"num_cpus": READ_CPUS}
-    return {"ray_remote_args": {"num_cpus": READ_CPUS}}
+    settings = ReadSettings(limits=ValidationLimits(max_text_chars=cfg.max_text_chars, max_objects=cfg.max_objects,
+                                                    max_relations=cfg.max_relations),
+                            duplicate_ids=dupes, storage=storage.settings)
+    units = [{"uri": s.uri, "shard": s.name, "rows": s.rows} for s in pending if s.rows]
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    return ds.map_batches(read_units, fn_args=(settings,), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
 def generation_settings(cfg, gpus: float, steps: int | None = None):
@@ -115,8 +109,13 @@ def generator_stage(ds, cfg, actor_cls, constructor_args: tuple, gpus: float):
 
 
 def sink_stage(ds, cfg, run_uri: str, model_fp: str, storage: Storage):
+    """One writer actor; each call writes one metadata file (and one tar in WebDataset output) per input shard.
+
+    By default it writes every block as it arrives (``batch_size=None``); ``--sink-rows N`` gathers N
+    rows per call instead.
+    """
     from workers.sink import Sink, SinkSettings
 
     sink = SinkSettings(run_uri=run_uri, output_format=cfg.output_format, model_fingerprint=model_fp)
     return ds.map_batches(Sink, fn_constructor_args=(sink, storage.settings), batch_format="pyarrow",
-                          batch_size=SINK_ROWS, compute=actor_pool(size=1), num_cpus=SINK_CPUS)
+                          batch_size=cfg.sink_rows, compute=actor_pool(size=1), num_cpus=SINK_CPUS)

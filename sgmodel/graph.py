@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,12 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def _visible(text: str) -> bool:
+    """Whether any character would show: whitespace, control (Cc) and format (Cf: zero-width space and
+    joiners, BOM, bidi marks) characters alone make a label a text encoder sees as empty."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
+
+
 def _short(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -114,6 +121,9 @@ def _check_text(row_id: Any, name: str, value: Any, limits: ValidationLimits) ->
         raise SceneGraphError(row_id, name, value, "is not valid Unicode (lone surrogate)", "bad_text")
     if not value.strip():
         raise SceneGraphError(row_id, name, value, "must not be empty", "empty_text")
+    if not _visible(value):
+        raise SceneGraphError(row_id, name, value, "has no visible characters (only control or zero-width ones)",
+                              "empty_text")
     if len(value) > limits.max_text_chars:
         raise SceneGraphError(
             row_id, name, value, f"longer than {limits.max_text_chars} characters ({len(value)})", "text_too_long"
@@ -158,10 +168,20 @@ def _as_list(row_id: Any, name: str, value: Any) -> list:
     return list(value)
 
 
+def id_key(value: Any) -> str | None:
+    """The text an accepted id becomes (and the output keys derive from): strings as they are, integers in
+    decimal; None for any other type. Duplicates are found on this, so 7 and "7" are the same id."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def _check_id(value: Any, limits: ValidationLimits) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise SceneGraphError(value, "id", value, "must be a string", "bad_id")
-    text = str(value)
+    text = id_key(value)
+    if text is None:
+        raise SceneGraphError(value, "id", value, "must be a string or an integer", "bad_id")
     if not _is_utf8(text):
         raise SceneGraphError(value, "id", value, "is not valid Unicode (lone surrogate)", "bad_id")
     if not text.strip():

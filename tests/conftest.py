@@ -10,6 +10,7 @@ does not see it.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,11 @@ from pathlib import Path
 import pytest
 
 from workers.storage import Storage, StorageSettings
+
+# Ray resolves the node address 127.0.0.1 to this machine's routable address unless it runs as a
+# single-host instance: this keeps every Ray started by the tests (and their workers) on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+LOOPBACK = "127.0.0.1"
 
 S3_FIXTURES = {"s3_server", "s3_settings", "s3_bucket"}
 
@@ -135,7 +141,7 @@ def local_ray() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address=LOOPBACK,
                  runtime_env={"env_vars": dict(FAKE_AWS_ENV)})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

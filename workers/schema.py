@@ -5,19 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from sgmodel.scoring import RECALL_ROW_SCHEMA
-
-# After validation: the contract columns the generator needs, plus where the row came from and
-# why it was rejected (null when valid).
-VALIDATED_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string()),
-        pa.field("shard", pa.string()),
-        pa.field("graph", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("error_code", pa.string()),
-    ]
-)
-"""``graph`` is the validated graph as JSON (null for rejected rows)."""
+from workers.validate import VALIDATED_SCHEMA  # noqa: F401 - defined there so validation never imports torch
 
 GENERATED_SCHEMA = pa.schema(
     [
@@ -131,6 +119,10 @@ STATS_SCHEMA = pa.schema(
         pa.field("errors", pa.int64()),
         pa.field("recall_sum", pa.float64()),
         pa.field("recall_count", pa.int64()),
+        pa.field("errors_by_reason", pa.string()),
+        pa.field("started", pa.float64()),
     ]
 )
-"""What the sink returns to the driver per (batch, shard): small, so the driver's memory stays flat."""
+"""What the sink returns to the driver per (batch, shard): small, so the driver's memory stays flat.
+``errors_by_reason`` is a JSON object {code: rows}; ``started`` (epoch seconds) when the generator began
+the earliest batch of these rows."""

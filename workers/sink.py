@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import tarfile
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -43,6 +45,16 @@ def image_name(row_id: str, sample_index: int) -> str:
     return f"{key}-{sample_index:03d}"
 
 
+def call_starts(rows: list[dict]) -> dict:
+    """When each generator call began, by the time it ended: a call stamps its rows with its end
+    (``generated_at``) and their seconds (``gen_seconds``), which add up to its length."""
+    spent: dict = {}
+    for r in rows:
+        if r.get("generated_at") is not None:
+            spent[r["generated_at"]] = spent.get(r["generated_at"], 0.0) + (r.get("gen_seconds") or 0.0)
+    return {end: end.timestamp() - seconds for end, seconds in spent.items()}
+
+
 def batch_digest(rows: list[dict]) -> str:
     names = sorted(f"{r['id']}\x1f{r['sample_index']}" for r in rows)
     return hashlib.sha1("\x1e".join(names).encode()).hexdigest()[:12]
@@ -60,8 +72,12 @@ class Sink:
         by_shard: dict[str, list[dict]] = {}
         for row in rows:
             by_shard.setdefault(row["shard"], []).append(row)
-        return pa.Table.from_pylist([self._write_shard(shard, part) for shard, part in by_shard.items()],
-                                    schema=STATS_SCHEMA)
+        starts = call_starts(rows)
+        out = []
+        for shard, part in by_shard.items():
+            began = [starts[r["generated_at"]] for r in part if r.get("generated_at") is not None]
+            out.append({**self._write_shard(shard, part), "started": min(began, default=time.time())})
+        return pa.Table.from_pylist(out, schema=STATS_SCHEMA)
 
     def _write_shard(self, shard: str, rows: list[dict]) -> dict:
         run = self.settings.run_uri
@@ -85,7 +101,8 @@ class Sink:
         # An input row counts once: by its first image, or by its error row.
         inputs = sum(1 for r in images if r["sample_index"] == 0) + len(errors)
         return {"shard": shard, "rows": inputs, "images": len(images), "errors": len(errors),
-                "recall_sum": float(sum(recalls)), "recall_count": len(recalls)}
+                "recall_sum": float(sum(recalls)), "recall_count": len(recalls),
+                "errors_by_reason": json.dumps(Counter(r["error_code"] for r in errors))}
 
     def _write_images(self, shard: str, digest: str, rows: list[dict]) -> list[str]:
         run = self.settings.run_uri

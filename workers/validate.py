@@ -1,17 +1,33 @@
-"""Validation stage: contract rows in, one validated row out per input row (never raises)."""
+"""Validation: contract rows in, one validated row out per input row (never raises).
+
+Imports nothing heavier than pyarrow: the read tasks that run it must stay small (the recall
+schema in ``workers.schema`` pulls in torch, about 150 MiB per process).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
 
-from sgmodel.graph import SceneGraph, SceneGraphError, ValidationLimits, graph_to_row, parse_graph
-from workers.schema import VALIDATED_SCHEMA
+from sgmodel.graph import SceneGraph, SceneGraphError, ValidationLimits, graph_to_row, id_key, parse_graph
 
 GRAPH_COLUMNS = ("id", "objects", "relations", "caption", "seed")
 """Input columns the jobs read (``image`` is left on disk: generation does not need it)."""
+
+VALIDATED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("graph", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("error_code", pa.string()),
+    ]
+)
+"""After validation: the contract columns the generator needs, plus where the row came from and why it
+was rejected (null when valid). ``graph`` is the validated graph as JSON (null for rejected rows)."""
 
 
 def graph_to_json(graph: SceneGraph) -> str:
@@ -24,6 +40,17 @@ def graph_from_json(text: str) -> SceneGraph:
     return parse_graph(json.loads(text))
 
 
+def find_duplicates(ids: Iterable[Any], seen: set[str], dupes: set[str]) -> None:
+    """Add to ``dupes`` every id (as :func:`id_key` reads it) already in ``seen``; ``seen`` grows."""
+    for value in ids:
+        key = id_key(value)
+        if key is None:
+            continue
+        if key in seen:
+            dupes.add(key)
+        seen.add(key)
+
+
 def validate_rows(
     rows: list[dict[str, Any]], shards: list[str], limits: ValidationLimits, duplicate_ids: frozenset[str]
 ) -> pa.Table:
@@ -31,7 +58,8 @@ def validate_rows(
     for row, shard in zip(rows, shards):
         raw_id = row.get("id")
         try:
-            if isinstance(raw_id, str) and raw_id in duplicate_ids:
+            key = id_key(raw_id)
+            if key is not None and key in duplicate_ids:
                 raise SceneGraphError(raw_id, "id", raw_id, "duplicate id in this input (every copy is rejected)",
                                       "duplicate_id")
             graph = parse_graph(row, limits)
@@ -40,12 +68,3 @@ def validate_rows(
             out.append({"id": None if raw_id is None else str(raw_id), "shard": shard, "graph": None,
                         "error": str(err), "error_code": err.code})
     return pa.Table.from_pylist(out, schema=VALIDATED_SCHEMA)
-
-
-def validate_batch(
-    batch: pa.Table, limits: ValidationLimits, duplicate_ids: frozenset[str], shard_of_path: dict[str, str]
-) -> pa.Table:
-    """Ray Data task: a batch of input rows (with the ``path`` of their file) -> validated rows."""
-    rows = batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()
-    shards = [shard_of_path[p] for p in batch.column("path").to_pylist()]
-    return validate_rows(rows, shards, limits, duplicate_ids)

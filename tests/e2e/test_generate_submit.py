@@ -92,9 +92,9 @@ def test_ray_job_submit_generates_the_dataset(ray_cluster, tiny_model_dir, segme
         assert image.is_file() and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
     assert len(list((run_dir / "images").rglob("*.png"))) == ROWS
 
-    markers = sorted((run_dir / "_markers").glob("*.json"))
+    markers = sorted((run_dir / "stats").glob("*_stats.json"))
     assert len(markers) == ROWS // PER_SHARD
-    assert sum(json.loads(m.read_text())["rows"] for m in markers) == ROWS
+    assert sum(json.loads(m.read_text())["count"] for m in markers) == ROWS
     run_json = json.loads((run_dir / "run.json").read_text())
     assert run_json["config"]["steps"] == 2 and run_json["config"]["run_id"] == "e2e"
     assert not list((run_dir / "errors").glob("*.parquet")) or pq.ParquetDataset(

@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.generate import GenerateConfig, RunExistsError, run
+from jobs.common import RunExistsError
+from jobs.generate import GenerateConfig, run
 from tests.integration.jobdata import BAD_ROWS, bad_rows, shapes_rows, write_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -57,9 +58,10 @@ def test_counts_metadata_markers_and_rerun_identical(local_ray, tiny_model_dir, 
     assert len(set(meta["seed"].to_pylist())) == 20
     done = meta["generated_at"].to_pylist()  # when each image's batch left the generator
     assert all(started <= t <= datetime.now(timezone.utc) for t in done)
-    markers = sorted(p.name for p in (run_dir / "_markers").glob("*.json"))
-    assert len(markers) == 3
-    assert sum(json.loads((run_dir / "_markers" / m).read_text())["rows"] for m in markers) == 10
+    stats = [json.loads(p.read_text()) for p in sorted((run_dir / "stats").glob("*_stats.json"))]
+    assert len(stats) == 3
+    assert sum(s["count"] for s in stats) == 10 and sum(s["successes"] for s in stats) == 10
+    assert sum(s["images"] for s in stats) == 20 and all(s["failed"] == 0 for s in stats)
     run_json = json.loads((run_dir / "run.json").read_text())
     assert run_json["config"]["samples_per_graph"] == 2 and run_json["model_fingerprint"] and run_json["versions"]["ray"]
 
@@ -82,8 +84,8 @@ def test_existing_run_needs_resume_or_overwrite(local_ray, tiny_model_dir, input
 def test_resume_completes_exactly_the_missing_shards(local_ray, tiny_model_dir, segmenter_dir, inputs, tmp_path):
     run(config(tiny_model_dir, segmenter_dir, str(inputs), str(tmp_path), "x"))
     run_dir = tmp_path / "x"
-    markers = sorted((run_dir / "_markers").glob("*.json"))
-    interrupted = markers[1].stem
+    markers = sorted((run_dir / "stats").glob("*_stats.json"))
+    interrupted = markers[1].name[: -len("_stats.json")]
     # Simulate an interruption in the middle of shard 2: no marker, half of its images and all its metadata gone.
     markers[1].unlink()
     lost = sorted((run_dir / "images" / interrupted).glob("*.png"))
@@ -99,7 +101,7 @@ def test_resume_completes_exactly_the_missing_shards(local_ray, tiny_model_dir, 
     assert code == 0
     assert (summary["rows_in"], summary["images"], summary["errors"], summary["rows_lost"]) == (10, 10, 0, 0)
     assert summary["shards_skipped"] == 2 and summary["shards_committed_now"] == 1
-    assert (run_dir / "_markers" / f"{interrupted}.json").exists()
+    assert (run_dir / "stats" / f"{interrupted}_stats.json").exists()
     assert not (run_dir / "metadata" / f"{interrupted}-stale.parquet").exists()
     for path, (mtime, data) in committed.items():
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path
@@ -158,7 +160,7 @@ def test_s3_input_and_output(local_ray, tiny_model_dir, segmenter_dir, s3_bucket
     assert code == 0 and summary["images"] == 10
     keys = [u.split("/runs/s3run/", 1)[1] for u in storage.list(s3_bucket.uri("runs/s3run"))]
     assert len([k for k in keys if k.startswith("images/") and k.endswith(".png")]) == 10
-    assert len([k for k in keys if k.startswith("_markers/")]) == 3
+    assert len([k for k in keys if k.startswith("stats/") and k.endswith("_stats.json")]) == 3
     assert {"run.json", "summary.json"} <= set(keys)
     meta = [k for k in keys if k.startswith("metadata/")]
     fs, path = storage.filesystem(s3_bucket.uri(f"runs/s3run/{meta[0]}"))

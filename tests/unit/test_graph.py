@@ -20,6 +20,7 @@ from sgmodel.graph import (
     ValidationLimits,
     derive_seed,
     graphs_to_table,
+    id_key,
     parse_graph,
     safe_key,
     table_to_graphs,
@@ -63,6 +64,8 @@ ERROR_CASES = [
     ("missing id", row(id=None), "bad_id", "id", "None"),
     ("empty id", row(id="  "), "bad_id", "id", "'  '"),
     ("id of wrong type", row(id=[1]), "bad_id", "id", "[1]"),
+    ("float id", row(id=7.0), "bad_id", "id", "7.0"),
+    ("bool id", row(id=True), "bad_id", "id", "True"),
     ("over-long id", row(id="i" * 300), "bad_id", "id", "iiii"),
     ("surrogate id", row(id="a\ud800"), "bad_id", "id", "\\ud800"),
     ("no objects", row(objects=[]), "no_objects", "objects", "[]"),
@@ -74,6 +77,11 @@ ERROR_CASES = [
     ("label not a string", row(objects=[obj(), obj(label=3)]), "bad_type", "objects[1].label", "3"),
     ("empty label", row(objects=[obj(label=""), obj()]), "empty_text", "objects[0].label", "''"),
     ("blank label", row(objects=[obj(label=" \t"), obj()]), "empty_text", "objects[0].label", "' \\t'"),
+    ("zero-width label", row(objects=[obj(label="\u200b\u200d"), obj()]), "empty_text", "objects[0].label", "\\u200b"),
+    ("control-character label", row(objects=[obj(label="\x00\x07 "), obj()]), "empty_text", "objects[0].label", "\\x00"),
+    ("byte-order-mark attribute", row(objects=[obj(attributes=["\ufeff"]), obj()]), "empty_text",
+     "objects[0].attributes[0]", "\\ufeff"),
+    ("invisible predicate", row(relations=[rel(p="\u2060\u200e")]), "empty_text", "relations[0].predicate", "\\u2060"),
     ("over-long label", row(objects=[obj(label=LONG), obj()]), "text_too_long", "objects[0].label", "xxxx"),
     ("surrogate label", row(objects=[obj(label="\udc80"), obj()]), "bad_text", "objects[0].label", "\\udc80"),
     ("attributes not a list", row(objects=[obj(attributes="red"), obj()]), "bad_type", "objects[0].attributes", "'red'"),
@@ -132,6 +140,18 @@ def test_error_codes_cover_the_issue_list():
         "box_not_finite", "box_out_of_range", "box_inverted", "too_many_objects", "too_many_relations",
     ):
         assert required in codes
+
+
+def test_labels_with_visible_text_among_invisible_characters_are_kept():
+    graph = parse_graph(row(objects=[obj(label="\u200bsky"), obj(label="cafe\u0301")]))
+    assert [o.label for o in graph.objects] == ["\u200bsky", "cafe\u0301"]
+
+
+def test_integer_ids_become_their_decimal_text():
+    assert parse_graph(row(id=7)).id == "7"
+    assert parse_graph(row(id=-3)).id == "-3"
+    assert (id_key(7), id_key("7"), id_key("a"), id_key(True), id_key(7.0), id_key(None)) == (
+        "7", "7", "a", None, None, None)
 
 
 def test_limits_are_configurable():

@@ -57,8 +57,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local instance."""
+def init_ray(dashboard: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local instance.
+
+    ``dashboard``: start the local instance with its dashboard, which serves Ray's State API. Ray
+    Train's placement-group cleaner asks that API every second whether the training controller is
+    alive and, without it, logs a warning each time (most of a fine-tuning log). A cluster has it.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -66,7 +71,7 @@ def init_ray() -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(include_dashboard=dashboard, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     # Ordered blocks give the generator the same batches on every run: images are only batch-invariant

@@ -39,6 +39,7 @@ from jobs.common import RunExistsError, fingerprint, init_ray, job_main, storage
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, resolve
 from jobs.runs import discover_inputs, input_columns, parquet_paths
+from sgmodel.pipeline import pipeline_class_name
 from sgmodel.train import TrainConfig
 from workers.storage import Storage, is_s3, join, split_s3
 
@@ -240,7 +241,7 @@ def inspect_base(storage: Storage, base: str) -> tuple[str, int]:
         if not all(read_model_config(storage, base, part) is not None for part in parts):
             raise ConfigError(f"--base = {base!r}: no model_index.json (expected a diffusers pipeline folder or hub id)")
         index = {"unet": [], "vae": [], "text_encoder": [], "tokenizer": []}
-    cls = index.get("_class_name", "")
+    cls = pipeline_class_name(index)
     if cls == "SceneGraphDiffusionPipeline":
         kind = "scene_graph"
     elif all(k in index for k in ("unet", "vae", "text_encoder", "tokenizer")):
@@ -354,7 +355,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
         discover_inputs(storage, cfg.val)
     has_checkpoints = prepare_output(cfg, storage)
 
-    init_ray()
+    init_ray(dashboard=True)  # Ray Train's placement-group cleaner needs the State API
     cpus = local_cpu_budget(cfg)
     datasets, train_rows = build_datasets(cfg, storage, image_size)
     ds_config = build_deepspeed_config(

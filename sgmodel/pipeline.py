@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -65,7 +66,10 @@ class SceneGraphPipelineOutput(BaseOutput):
     noise came from a caller's ``generator``."""
 
 
-class SceneGraphDiffusionPipeline(DiffusionPipeline):
+class SceneGraphDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Scene graphs in, images out. ``load_lora_weights`` puts diffusers-format LoRA weights (e.g. a
+    fine-tuning run's ``pytorch_lora_weights.safetensors``) on the UNet and text encoder, as for Stable Diffusion."""
+
     model_cpu_offload_seq = "text_encoder->graph_encoder->conditioner->unet->vae"
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents", "noise_pred"]
@@ -455,15 +459,19 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         cls,
         path_or_id: str,
         conditioning: str = "tokens",
-        graph_dim: int = 512,
-        hidden_dim: int = 512,
+        graph_dim: int | None = None,
+        hidden_dim: int | None = None,
         num_layers: int = 5,
         projection_dim: int | None = None,
         torch_dtype: torch.dtype | None = None,
+        conditioner_hidden_dim: int | None = None,
         **load_kwargs,
     ) -> SceneGraphDiffusionPipeline:
         """A diffusers Stable Diffusion folder or hub id + a fresh graph encoder and conditioner.
 
+        Sizes of the new modules: ``graph_dim`` (default: the text encoder's width, at most 512, so a
+        small model gets a small encoder), ``hidden_dim`` (the encoder's MLPs; default ``graph_dim``),
+        ``conditioner_hidden_dim`` (default ``hidden_dim``), ``num_layers`` graph convolutions.
         With ``conditioning="gated"`` the UNet is rebuilt with GLIGEN gated self-attention; its
         gates start at zero, so until trained it computes exactly what the original UNet did.
         """
@@ -482,13 +490,15 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline):
         scheduler = DDIMScheduler.from_pretrained(path_or_id, subfolder="scheduler", **load_kwargs)
         text_dim = text_encoder.config.hidden_size
         cross_dim = unet.config.cross_attention_dim
+        graph_dim = graph_dim or min(512, text_dim)
+        hidden_dim = hidden_dim or graph_dim
         graph_encoder = SceneGraphEncoder(
             text_dim=text_dim, graph_dim=graph_dim, hidden_dim=hidden_dim, num_layers=num_layers,
             projection_dim=projection_dim,
         )
         conditioner = SceneGraphConditioner(
             mode=conditioning, text_dim=text_dim, graph_dim=graph_dim, cross_attention_dim=cross_dim,
-            hidden_dim=hidden_dim, text_pooling="eos",
+            hidden_dim=conditioner_hidden_dim or hidden_dim, text_pooling="eos",
         )
         if torch_dtype is not None:
             graph_encoder.to(torch_dtype)

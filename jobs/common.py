@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import logging
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from jobs.config import ConfigError, parse_config
@@ -18,6 +20,24 @@ logger = logging.getLogger("sgbatch")
 
 class RunExistsError(RuntimeError):
     """The run folder exists and neither --resume nor --overwrite was given."""
+
+
+_PROGRAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("sgbatch_program", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(program: str) -> Iterator[None]:
+    """Name the running command (``sgbatch generate``) in usage and help instead of ``python -m jobs.…``."""
+    token = _PROGRAM.set(program)
+    try:
+        yield
+    finally:
+        _PROGRAM.reset(token)
+
+
+def program(default: str) -> str:
+    """The command as the user typed it: ``sgbatch <job>`` under the CLI, else ``default``."""
+    return _PROGRAM.get() or default
 
 
 def configure_logging() -> None:
@@ -98,12 +118,19 @@ def write_report(storage: Storage, run_uri: str, max_images: int) -> str | None:
 
 def job_main(config_cls: type, run_fn: Callable[[Any], tuple[dict, int]], argv: Sequence[str] | None,
              prog: str) -> int:
-    """CLI front of a job: bad flags, an existing run or missing input exit 2 with the reason."""
+    """CLI front of a job: bad input (flags, config file, missing input, an existing run, S3 without
+    credentials) exits 2 with a one-line reason."""
     configure_logging()
     try:
-        cfg = parse_config(config_cls, argv, prog=prog)
+        cfg = parse_config(config_cls, argv, prog=program(prog))
         _, code = run_fn(cfg)
     except (ConfigError, RunExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - S3 without credentials, found wherever it is first needed
+        if type(err).__name__ not in ("NoCredentialsError", "PartialCredentialsError"):
+            raise
+        print(f"error: S3: {err} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)",
+              file=sys.stderr)
         return 2
     return code

@@ -41,6 +41,7 @@ from typing import Literal
 from jobs.common import RunExistsError, fingerprint, init_ray, job_main, storage_for, versions, write_report
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, resolve
+from jobs.preflight import check_before_start
 from jobs.runs import discover_inputs, input_columns, parquet_paths
 from sgmodel.pipeline import pipeline_class_name
 from sgmodel.train import TrainConfig
@@ -367,6 +368,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     from workers import train_loop
 
     cfg = cfg.resolved()
+    check_before_start(cfg)
     started = time.perf_counter()
     storage = storage_for(cfg)
     base_kind, model_size = inspect_base(storage, cfg.base)

@@ -20,6 +20,8 @@ from typing import Literal
 from jobs.common import fingerprint, init_ray, job_main, storage_for, versions, write_report
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER, SAMPLE_SHAPES, resolve
+from jobs.label_map import recall_options
+from jobs.preflight import check_before_start
 from jobs.runs import (
     InputShard,
     Progress,
@@ -56,6 +58,9 @@ class GenerateConfig:
     """SceneGraphDiffusionPipeline folder (local or s3://) or hub id (default: the shapes demo model)."""
     segmenter: str = DEMO_SEGMENTER
     """Segmentation model folder or hub id for recall; 'none' turns scoring off."""
+    label_map: str | None = None
+    """YAML/JSON file (local or s3://): graph label -> segmenter class name or id, for labels the segmenter
+    names otherwise (see jobs/samples/ade20k_label_map.yaml); unmapped labels match by name."""
     run_id: str | None = None
     """Name of the run (default: run-YYYYmmdd-HHMMSS). Give the same id with --resume."""
     samples_per_graph: int = 1
@@ -164,7 +169,8 @@ def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Stora
     ds = generator_stage(ds, cfg, Generator, (generation_settings(cfg, where.generator_gpus), storage.settings),
                          where.generator_gpus)
     if cfg.scoring:
-        score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
+        score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision,
+                                options=recall_options(cfg, storage))
         ds = ds.map_batches(Scorer, fn_constructor_args=(score, storage.settings), batch_format="pyarrow",
                             batch_size=max(16, cfg.batch_size * cfg.samples_per_graph),
                             compute=actor_pool(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
@@ -175,6 +181,7 @@ def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Stora
 def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None) -> tuple[dict, int]:
     """Run the job; returns (summary, exit code). The SBPC job reuses this with its own stage and statistics."""
     cfg = cfg.resolved()
+    check_before_start(cfg)
     storage = storage_for(cfg)
     run_id = cfg.run_id or new_run_id()
     layout = RunLayout(storage, cfg.output, run_id)

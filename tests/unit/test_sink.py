@@ -16,6 +16,7 @@ from sgmodel.caption import graph_caption
 from sgmodel.graph import SceneGraph, SGObject, SGRelation
 from workers.schema import METADATA_SCHEMA, SCORED_SCHEMA
 from workers.sink import Sink, SinkSettings
+from workers.storage import Storage
 from workers.validate import graph_to_json
 
 GRAPHS = [
@@ -111,3 +112,31 @@ def test_identical_batches_write_identical_tars(tmp_path):
 )
 def test_graph_caption(graph, text):
     assert graph_caption(graph) == text
+
+
+def test_summary_reports_recall_over_scorable_images_and_warns_when_many_objects_are_unscorable(tmp_path, caplog):
+    import logging
+
+    from jobs.summary import summarize
+
+    table = scored_rows(samples=1).to_pylist()
+    # "two": 1 of 2 objects found; "odd id": its only object matches no class (recall 1.0 by definition)
+    table[0].update(recall=0.5, found=["red circle"], missing=["blue square"], unscorable=[])
+    table[1].update(recall=1.0, found=[], missing=[], unscorable=["triangle"])
+    Sink(SinkSettings(run_uri=str(tmp_path / "run")))(pa.Table.from_pylist(table, schema=SCORED_SCHEMA))
+    with caplog.at_level(logging.WARNING, logger="sgbatch"):
+        summary = summarize(Storage(), str(tmp_path / "run"), rows_in=3)
+    recall = summary["recall"]
+    assert recall["mean"] == pytest.approx(0.75) and recall["mean_scorable"] == pytest.approx(0.5)
+    assert (recall["images_scorable"], recall["objects"], recall["objects_unscorable"]) == (1, 3, 1)
+    assert recall["unscorable_fraction"] == pytest.approx(1 / 3)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "1 of 3 objects (33%)" in warning and "0.750" in warning and "0.500" in warning and "--label-map" in warning
+
+    caplog.clear()
+    table[1].update(recall=1.0, found=["triangle"], unscorable=[])
+    Sink(SinkSettings(run_uri=str(tmp_path / "run")))(pa.Table.from_pylist(table, schema=SCORED_SCHEMA))
+    with caplog.at_level(logging.WARNING, logger="sgbatch"):
+        again = summarize(Storage(), str(tmp_path / "run"), rows_in=3)
+    assert again["recall"]["unscorable_fraction"] == 0 and again["recall"]["mean_scorable"] == pytest.approx(0.75)
+    assert not caplog.records

@@ -18,6 +18,7 @@ import contextlib
 import enum
 import json
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -192,7 +193,13 @@ def staged_for_deepspeed(folder: str | os.PathLike, tag: str) -> Iterator[str]:
 def check_own_checkpoint(checkpoint_path: str, run_root: str) -> None:
     """Refuse a checkpoint outside this run's checkpoint storage (Ray Train's snapshot names where to resume
     from; whoever can edit it could otherwise point a resume anywhere)."""
-    resolved = os.path.normpath(checkpoint_path)
-    root = os.path.normpath(run_root)
-    if os.path.commonpath([resolved, root]) != root or resolved == root:
+    def bare(path: str) -> str:  # Ray may name S3 paths with or without their scheme
+        return os.path.normpath(re.sub(r"^[a-z0-9+.-]+://", "", path))
+
+    resolved, root = bare(checkpoint_path), bare(run_root)
+    try:
+        inside = os.path.commonpath([resolved, root]) == root and resolved != root
+    except ValueError:  # one absolute, one relative: not the same storage
+        inside = False
+    if not inside:
         raise CheckpointFormatError(f"checkpoint {checkpoint_path!r} is not in this run's checkpoint storage {run_root!r}")

@@ -90,7 +90,9 @@ def test_resume_reads_only_the_runs_own_checkpoint_storage(tmp_path):
     root = str(tmp_path / "ckpt" / "finetune")
     check_own_checkpoint(f"{root}/step-00000010", root)
     check_own_checkpoint("bucket/runs/x-checkpoints/finetune/step-1", "bucket/runs/x-checkpoints/finetune")
-    for elsewhere in (str(tmp_path / "other" / "step-1"), f"{root}/../../elsewhere/step-1", root, f"{root}-x/step-1"):
+    check_own_checkpoint("s3://bucket/runs/x-checkpoints/finetune/step-1", "bucket/runs/x-checkpoints/finetune")
+    for elsewhere in (str(tmp_path / "other" / "step-1"), f"{root}/../../elsewhere/step-1", root, f"{root}-x/step-1",
+                      "s3://other-bucket/runs/x-checkpoints/finetune/step-1"):
         with pytest.raises(CheckpointFormatError, match="not in this run's checkpoint storage"):
             check_own_checkpoint(elsewhere, root)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import logging
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from jobs.config import ConfigError, parse_config
@@ -29,6 +31,22 @@ class RedactingFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         return True
+_PROGRAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("sgbatch_program", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(program: str) -> Iterator[None]:
+    """Name the running command (``sgbatch generate``) in usage and help instead of ``python -m jobs.…``."""
+    token = _PROGRAM.set(program)
+    try:
+        yield
+    finally:
+        _PROGRAM.reset(token)
+
+
+def program(default: str) -> str:
+    """The command as the user typed it: ``sgbatch <job>`` under the CLI, else ``default``."""
+    return _PROGRAM.get() or default
 
 
 def configure_logging() -> None:
@@ -70,8 +88,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local instance."""
+def init_ray(dashboard: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local instance.
+
+    ``dashboard``: start the local instance with its dashboard, which serves Ray's State API. Ray
+    Train's placement-group cleaner asks that API every second whether the training controller is
+    alive and, without it, logs a warning each time (most of a fine-tuning log). A cluster has it.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -79,7 +102,7 @@ def init_ray() -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(include_dashboard=dashboard, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     # Ordered blocks give the generator the same batches on every run: images are only batch-invariant
@@ -106,14 +129,15 @@ def write_report(storage: Storage, run_uri: str, max_images: int) -> str | None:
 
 def job_main(config_cls: type, run_fn: Callable[[Any], tuple[dict, int]], argv: Sequence[str] | None,
              prog: str) -> int:
-    """CLI front of a job: bad flags, an existing or busy run, or missing or unreadable input exit 2 with the
-    reason on one line; a run whose lease another run took over exits 1 the same way."""
+    """CLI front of a job: bad input (flags, config file, an existing or busy run, missing or unreadable
+    input, S3 without credentials) exits 2 with the reason on one line; a run whose lease another run
+    took over exits 1 the same way."""
     from jobs.inputs import InputFileError
     from jobs.lease import LeaseLostError
 
     configure_logging()
     try:
-        cfg = parse_config(config_cls, argv, prog=prog)
+        cfg = parse_config(config_cls, argv, prog=program(prog))
         _, code = run_fn(cfg)
     except (ConfigError, RunExistsError, FileNotFoundError, InputFileError) as err:
         print(f"error: {redact(str(err))}", file=sys.stderr)
@@ -121,4 +145,10 @@ def job_main(config_cls: type, run_fn: Callable[[Any], tuple[dict, int]], argv: 
     except LeaseLostError as err:
         print(f"error: {redact(str(err))}", file=sys.stderr)
         return 1
+    except Exception as err:  # noqa: BLE001 - S3 without credentials, found wherever it is first needed
+        if type(err).__name__ not in ("NoCredentialsError", "PartialCredentialsError"):
+            raise
+        print(f"error: S3: {err} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)",
+              file=sys.stderr)
+        return 2
     return code

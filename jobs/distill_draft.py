@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config import parse_config, require
+from jobs.common import job_main
+from jobs.config import require
+from jobs.preflight import check_before_start
 
 PAIR_STREAM = 7
 """Shapes stream of the teacher pairs: not the demo model's training stream (0) nor the benchmarks' graphs."""
@@ -104,6 +106,7 @@ def run(cfg: DistillDraftConfig) -> dict:
 
     from sgmodel.shapes.draft_distill import train_draft_student
 
+    check_before_start(cfg)
     started = time.perf_counter()
     if not cfg.skip_pairs:
         print(f"== teacher pairs -> {cfg.pairs_dir}", flush=True)
@@ -126,8 +129,7 @@ def run(cfg: DistillDraftConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run(parse_config(DistillDraftConfig, argv, prog="python -m jobs.distill_draft"))
-    return 0
+    return job_main(DistillDraftConfig, lambda cfg: (run(cfg), 0), argv, "python -m jobs.distill_draft")
 
 
 if __name__ == "__main__":

@@ -5,22 +5,25 @@
     python -m jobs.finetune --train out/shapes-train --steps 200     # the shapes demo model, 2 local CPU workers
 
 Ray Data reads the table and decodes/resizes images in its pipeline; each Ray Train worker wraps
-the trainable part of the model with ``deepspeed.initialize``; checkpoints go to
-``{output}/checkpoints`` (or ``--checkpoints``) through Ray Train's storage, so ``--resume`` picks
+the trainable part of the model with ``deepspeed.initialize``; checkpoints go beside the output to
+``{output}-checkpoints/`` (or ``--checkpoint-dir``) through Ray Train's storage, so ``--resume`` picks
 up the latest one, optimizer state included. At the end rank 0 exports a
-``SceneGraphDiffusionPipeline`` to ``--output``, which ``jobs.generate --model`` loads.
+``SceneGraphDiffusionPipeline`` to ``--output``, which ``jobs.generate --model`` loads, and
+``diffusers.DiffusionPipeline.from_pretrained(output, trust_remote_code=True)`` too.
 
-Output folder: the pipeline (model_index.json + component folders, safetensors), ``run.json``
-(resolved config, DeepSpeed config, versions), ``metrics.jsonl``, ``summary.json``, ``report.html``
-and ``checkpoints/``. Each ``metrics.jsonl`` line is one logging window: ``step`` (the window's last
+Output folder: the pipeline (model_index.json + component folders, safetensors), with
+``--trainable lora`` also ``pytorch_lora_weights.safetensors`` (the UNet's LoRA in diffusers' format,
+for ``load_lora_weights``), ``run.json`` (resolved config, DeepSpeed config, versions),
+``metrics.jsonl``, ``summary.json`` and ``report.html``. Each ``metrics.jsonl`` line is one logging window: ``step`` (the window's last
 step), ``loss_*`` (means over the window's micro-batches and all ranks), ``lr`` (of the window's last
 step), ``samples_per_s`` (global) and, at validation steps, ``val_loss`` (fixed noise and timesteps,
 so values are comparable across steps; ``summary.json`` has the base model's as ``val_loss_initial``).
 
 Bad rows (undecodable or missing image, graph breaking the contract) are skipped and counted per
-reason, never fatal. On a multi-node cluster ``--output`` and ``--checkpoints`` must be shared
+reason, never fatal. On a multi-node cluster ``--output`` and ``--checkpoint-dir`` must be shared
 storage (s3://): rank 0 writes the export and every rank its checkpoint shards. Checkpoints hold
-DeepSpeed's own ``.pt`` files (our pickles, read back only by this job); the export is safetensors.
+DeepSpeed's state (weights, optimizer partitions, LR schedule) as safetensors files
+(:mod:`workers.train_checkpoint`), and ``--resume`` reads only the run's own checkpoint storage.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from typing import Literal
 from jobs.common import RunExistsError, fingerprint, init_ray, job_main, storage_for, versions, write_report
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, resolve
+from jobs.preflight import check_before_start
 from jobs.runs import discover_inputs, input_columns, parquet_paths
+from sgmodel.pipeline import pipeline_class_name
 from sgmodel.train import TrainConfig
 from workers.storage import Storage, is_s3, join, split_s3
 
@@ -65,8 +70,8 @@ class FinetuneConfig(TrainConfig):
     graph encoder and conditioner are added). Local or s3://."""
     output: str = "out/finetune"
     """Folder or s3:// prefix for the exported pipeline, run.json, metrics.jsonl, summary.json."""
-    checkpoints: str | None = None
-    """Ray Train storage path for checkpoints (default: {output}/checkpoints)."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go, local or s3:// (default: beside the output, {output}-checkpoints)."""
     conditioning: Literal["auto", "tokens", "gated", "caption"] = "auto"
     """Conditioning to train: auto keeps a scene-graph base's own (tokens for a Stable Diffusion base);
     another mode converts the base (gated adds GLIGEN layers with zero gates and a layout head;
@@ -116,6 +121,15 @@ class FinetuneConfig(TrainConfig):
     """Save a checkpoint every K steps (and at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept in storage (the oldest are deleted)."""
+    graph_dim: int | None = None
+    """Stable Diffusion base: width of the new graph encoder's node and triple features
+    (default: the text encoder's width, at most 512)."""
+    graph_hidden_dim: int | None = None
+    """Stable Diffusion base: hidden width of the graph encoder's MLPs (default: --graph-dim)."""
+    graph_layers: int | None = None
+    """Stable Diffusion base: graph convolution layers of the new graph encoder (default: 5)."""
+    conditioner_hidden_dim: int | None = None
+    """Stable Diffusion base: hidden width of the new conditioner's MLPs (default: --graph-hidden-dim)."""
     log_every: int = 10
     """Log metrics every K steps."""
     val_every: int | None = None
@@ -155,7 +169,8 @@ class FinetuneConfig(TrainConfig):
         require(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be > 0")
         require((self.steps is None) != (self.epochs is None), "steps", self.steps,
                 f"give exactly one of --steps and --epochs (got --epochs {self.epochs!r})")
-        for name in ("val_every", "val_batches", "threads_per_worker"):
+        for name in ("val_every", "val_batches", "threads_per_worker", "graph_dim", "graph_hidden_dim", "graph_layers",
+                     "conditioner_hidden_dim"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, value, "must be >= 1")
         require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker,
@@ -165,6 +180,10 @@ class FinetuneConfig(TrainConfig):
         for name in ("weight_decay", "grad_clip"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        if not self.checkpoint_dir:
+            parent, name = os.path.split(self.output.rstrip("/"))
+            require(bool(name) and not (is_s3(self.output) and parent == "s3:"), "output", self.output,
+                    "is a bucket or filesystem root: give --checkpoint-dir (checkpoints go beside the output by default)")
         require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= 0 (or -1 for unlimited)")
         require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "must lie in (0, 1)")
         require(self.ema_decay is None or self.zero_stage < 3, "ema_decay", self.ema_decay,
@@ -181,7 +200,13 @@ class FinetuneConfig(TrainConfig):
 
     @property
     def checkpoint_uri(self) -> str:
-        return self.checkpoints or join(self.output, "checkpoints")
+        return self.checkpoint_dir or self.output.rstrip("/") + "-checkpoints"
+
+    def graph_sizes(self) -> dict:
+        """The size flags given, as ``SceneGraphDiffusionPipeline.from_stable_diffusion`` arguments."""
+        sizes = {"graph_dim": self.graph_dim, "hidden_dim": self.graph_hidden_dim, "num_layers": self.graph_layers,
+                 "conditioner_hidden_dim": self.conditioner_hidden_dim}
+        return {k: v for k, v in sizes.items() if v is not None}
 
     def train_config(self) -> TrainConfig:
         """The training options alone (what the Ray Train workers get)."""
@@ -218,7 +243,7 @@ class FinetuneConfig(TrainConfig):
         return dataclasses.replace(
             self, base=os.path.abspath(base) if os.path.exists(base) else base,  # else s3:// or a hub id
             train=absolute(self.train), val=absolute(self.val), output=absolute(self.output),
-            checkpoints=absolute(self.checkpoints),
+            checkpoint_dir=absolute(self.checkpoint_dir),
         )
 
 
@@ -246,7 +271,7 @@ def inspect_base(storage: Storage, base: str) -> tuple[str, int]:
         if not all(read_model_config(storage, base, part) is not None for part in parts):
             raise ConfigError(f"--base = {base!r}: no model_index.json (expected a diffusers pipeline folder or hub id)")
         index = {"unet": [], "vae": [], "text_encoder": [], "tokenizer": []}
-    cls = index.get("_class_name", "")
+    cls = pipeline_class_name(index)
     if cls == "SceneGraphDiffusionPipeline":
         kind = "scene_graph"
     elif all(k in index for k in ("unet", "vae", "text_encoder", "tokenizer")):
@@ -349,6 +374,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     from workers import train_loop
 
     cfg = cfg.resolved()
+    check_before_start(cfg)
     started = time.perf_counter()
     storage = storage_for(cfg)
     base_kind, model_size = inspect_base(storage, cfg.base)
@@ -356,13 +382,18 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
             "a Stable Diffusion base is text-conditioned already; caption mode converts scene-graph bases")
     if base_kind == "scene_graph" and cfg.image_encoder and cfg.lambda_recon < 1.0:
         logger.info("alignment losses on a scene-graph base need its graph encoder to have a projection")
+    if base_kind == "scene_graph" and cfg.graph_sizes():
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in ("graph_dim", "graph_hidden_dim", "graph_layers",
+                                                                     "conditioner_hidden_dim") if getattr(cfg, name))
+        raise ConfigError(f"{flags}: size a new graph encoder for a Stable Diffusion base; --base {cfg.base!r} is a "
+                          "scene-graph pipeline and keeps its own")
     image_size = cfg.image_size or model_size
     discover_inputs(storage, cfg.train)  # bad input fails fast, before touching the output
     if cfg.val:
         discover_inputs(storage, cfg.val)
     has_checkpoints = prepare_output(cfg, storage)
 
-    init_ray()
+    init_ray(dashboard=True)  # Ray Train's placement-group cleaner needs the State API
     cpus = local_cpu_budget(cfg)
     datasets, train_rows = build_datasets(cfg, storage, image_size)
     ds_config = build_deepspeed_config(
@@ -380,6 +411,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
         threads=cfg.threads_per_worker, seed=cfg.seed, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         val_every=cfg.val_every or cfg.checkpoint_every, val_batches=cfg.val_batches, shuffle_buffer=cfg.shuffle_buffer,
         output=cfg.output, storage=storage.settings, has_val=bool(cfg.val), ema_decay=cfg.ema_decay,
+        checkpoint_root=join(storage_path(storage, cfg.checkpoint_uri)[0], RUN_NAME), graph_sizes=cfg.graph_sizes(),
     )
     base_fp = fingerprint(storage, cfg.base) if (is_s3(cfg.base) or os.path.isdir(cfg.base)) else f"hub:{cfg.base}"
     run_info = {

@@ -22,7 +22,9 @@ from jobs.common import fingerprint, init_ray, job_main, storage_for, versions, 
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER, SAMPLE_SHAPES, resolve
 from jobs.inputs import InputShard, check_graph_schema, discover_inputs, duplicate_ids
+from jobs.label_map import recall_options
 from jobs.lease import DEFAULT_TIMEOUT, RunLease
+from jobs.preflight import check_before_start
 from jobs.progress import Progress
 from jobs.runs import RunLayout, new_run_id, run_id_problem
 from jobs.stages import (
@@ -53,6 +55,9 @@ class GenerateConfig:
     """SceneGraphDiffusionPipeline folder (local or s3://) or hub id (default: the shapes demo model)."""
     segmenter: str = DEMO_SEGMENTER
     """Segmentation model folder or hub id for recall; 'none' turns scoring off."""
+    label_map: str | None = None
+    """YAML/JSON file (local or s3://): graph label -> segmenter class name or id, for labels the segmenter
+    names otherwise (see jobs/samples/ade20k_label_map.yaml); unmapped labels match by name."""
     run_id: str | None = None
     """Name of the run folder (default: run-YYYYmmdd-HHMMSS): 1-128 of A-Z a-z 0-9 . _ -, not . or ..
     Give the same id with --resume."""
@@ -176,7 +181,8 @@ def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Stora
     ds = generator_stage(ds, cfg, Generator, (generation_settings(cfg, where.generator_gpus), storage.settings),
                          where.generator_gpus)
     if cfg.scoring:
-        score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
+        score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision,
+                                options=recall_options(cfg, storage))
         # batch_size=None: each generator call's images are scored as they come (streaming)
         ds = ds.map_batches(Scorer, fn_constructor_args=(score, storage.settings), batch_format="pyarrow",
                             batch_size=None, compute=actor_pool(size=cfg.scorer_workers), num_gpus=where.scorer_gpus,
@@ -191,6 +197,7 @@ def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None)
     written or deleted in the run folder before its lease is held.
     """
     cfg = cfg.resolved()
+    check_before_start(cfg)
     storage = storage_for(cfg)
     layout = RunLayout(storage, cfg.output, cfg.run_id or new_run_id())
     shards = discover_inputs(storage, cfg.input, check=check_graph_schema)

@@ -25,8 +25,9 @@ from typing import IO, Any
 
 import pyarrow as pa
 
-from jobs.common import storage_for
+from jobs.common import program, storage_for
 from jobs.config import ConfigError, parse_config, require, to_dict
+from jobs.preflight import check_before_start
 from sgmodel.data.writer import ERRORS_FILE, GraphShardWriter, Item
 from sgmodel.graph import (
     SceneGraph,
@@ -286,6 +287,7 @@ def _inputs(config: PrepareConfig) -> dict[str, str | None]:
 def prepare(config: PrepareConfig, storage: Storage | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Run one prepare job end to end and return its summary (also written to _summary.json)."""
     storage = storage or storage_for(config)
+    check_before_start(config, storage)
     fmt = SUBCOMMAND_OF[type(config)]
     started = time.perf_counter()
     stats: Counter[str] = Counter()
@@ -350,9 +352,10 @@ def _usage() -> str:
     rows = "\n".join(
         f"  {name.ljust(width)}  {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in SUBCOMMANDS.items()
     )
+    prog = program("python -m jobs.prepare")
     return (
-        "usage: python -m jobs.prepare {sg2im,vg,coco,shapes} [options]\n\n"
-        f"formats:\n{rows}\n\n'python -m jobs.prepare <format> --help' lists its options."
+        f"usage: {prog} {{sg2im,vg,coco,shapes}} [options]\n\n"
+        f"formats:\n{rows}\n\n'{prog} <format> --help' lists its options."
     )
 
 
@@ -365,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown format {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        config = parse_config(SUBCOMMANDS[argv[0]], argv[1:], prog=f"python -m jobs.prepare {argv[0]}")
+        config = parse_config(SUBCOMMANDS[argv[0]], argv[1:], prog=f"{program('python -m jobs.prepare')} {argv[0]}")
         summary = prepare(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_summary(summary))

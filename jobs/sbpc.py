@@ -27,6 +27,7 @@ from jobs.common import job_main
 from jobs.config import ConfigError, require
 from jobs.defaults import resolve
 from jobs.generate import GenerateConfig
+from jobs.label_map import recall_options
 from jobs.stages import (
     SCORER_CPUS,
     check_cpu_budget,
@@ -134,7 +135,8 @@ def build_dataset(cfg: SBPCJobConfig, pending, storage, dupes, run_uri: str, mod
 
     where = placement(cfg)
     check_cpu_budget(cfg)
-    score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision)
+    score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision,
+                            options=recall_options(cfg, storage))
     scorer_cls = scorer_actor_class()
     scorers = [scorer_cls.options(num_cpus=SCORER_CPUS, num_gpus=where.scorer_gpus).remote(score, storage.settings)
                for _ in range(cfg.scorer_workers)]

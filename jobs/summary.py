@@ -6,6 +6,7 @@ covers the earlier attempts too and always agrees with what is on disk.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 
@@ -17,6 +18,10 @@ from workers.schema import ERRORS_SCHEMA, METADATA_SCHEMA
 from workers.storage import Storage
 
 HISTOGRAM_BINS = 10
+UNSCORABLE_WARNING = 0.2
+"""Warn when more than this fraction of a run's objects matched no segmenter class."""
+
+logger = logging.getLogger("sgbatch")
 
 
 def read_table(storage: Storage, folder: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
@@ -50,10 +55,30 @@ def recall_stats(values: list[float]) -> dict:
     }
 
 
+def scorability(recall: list, found: list, missing: list, unscorable: list) -> dict:
+    """Recall over the images with at least one scorable object, and the share of objects the segmenter cannot see.
+
+    An image whose objects all match no segmenter class scores recall 1.0 (nothing visible is missing),
+    which inflates the overall mean; ``mean_scorable`` leaves those images out.
+    """
+    scored = [(r, len(f or ()), len(m or ()), len(u or ())) for r, f, m, u in zip(recall, found, missing, unscorable)
+              if r is not None]
+    objects = sum(f + m + u for _, f, m, u in scored)
+    blind = sum(u for *_, u in scored)
+    with_scorable = [r for r, f, m, _ in scored if f + m > 0]
+    return {
+        "mean_scorable": float(np.mean(with_scorable)) if with_scorable else None,
+        "images_scorable": len(with_scorable),
+        "objects": objects,
+        "objects_unscorable": blind,
+        "unscorable_fraction": blind / objects if objects else None,
+    }
+
+
 def summarize(storage: Storage, run_uri: str, rows_in: int, extra: dict | None = None) -> dict:
     meta = read_table(storage, f"{run_uri}/metadata", METADATA_SCHEMA,
                       ["id", "sample_index", "recall", "relation_score", "relations_checked", "relations_satisfied",
-                       "precision", "extra_objects", "gen_seconds", "score_seconds"])
+                       "precision", "extra_objects", "gen_seconds", "score_seconds", "found", "missing", "unscorable"])
     errors = read_table(storage, f"{run_uri}/errors", ERRORS_SCHEMA, ["id", "code"])
     ids = meta.column("id").to_pylist()
     generated_rows = len(set(ids))
@@ -74,7 +99,9 @@ def summarize(storage: Storage, run_uri: str, rows_in: int, extra: dict | None =
         "errors_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], str(kv[0])))),
         "rows_lost": rows_in - generated_rows - errors.num_rows,
         "error_fraction": errors.num_rows / rows_in if rows_in else 0.0,
-        "recall": recall_stats(recall),
+        "recall": recall_stats(recall) | scorability(
+            meta.column("recall").to_pylist(), meta.column("found").to_pylist(), meta.column("missing").to_pylist(),
+            meta.column("unscorable").to_pylist()),
         "relation_score": {"count": len(relation), "mean": float(np.mean(relation)) if relation else None},
         # satisfied / checked spatial relations over all images (each relation weighs the same)
         "relation_accuracy": {"checked": checked, "accuracy": satisfied / checked if checked else None},
@@ -88,4 +115,13 @@ def summarize(storage: Storage, run_uri: str, rows_in: int, extra: dict | None =
         },
     }
     summary.update(extra or {})
+    blind = summary["recall"]["unscorable_fraction"]
+    if blind is not None and blind > UNSCORABLE_WARNING:
+        scorable = summary["recall"]["mean_scorable"]
+        logger.warning(
+            "%d of %d objects (%.0f%%) matched no segmenter class and count as found: mean recall %.3f over all images, "
+            "%s over the %d images with a scorable object. Map labels to the segmenter's classes with --label-map.",
+            summary["recall"]["objects_unscorable"], summary["recall"]["objects"], 100 * blind,
+            summary["recall"]["mean"], "n/a" if scorable is None else f"{scorable:.3f}",
+            summary["recall"]["images_scorable"])
     return summary

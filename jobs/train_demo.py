@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config import parse_config, require
+from jobs.common import job_main
+from jobs.config import require
+from jobs.preflight import check_before_start
 
 
 @dataclass(kw_only=True)
@@ -53,6 +55,7 @@ def run(cfg: TrainDemoConfig) -> dict:
     from sgmodel.shapes.diffusion import train_diffusion
     from sgmodel.shapes.segmenter import TINY_ARCH, train_segmenter
 
+    check_before_start(cfg)
     out = Path(cfg.output)
     results = {}
     started = time.perf_counter()
@@ -76,8 +79,7 @@ def run(cfg: TrainDemoConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run(parse_config(TrainDemoConfig, argv, prog="python -m jobs.train_demo"))
-    return 0
+    return job_main(TrainDemoConfig, lambda cfg: (run(cfg), 0), argv, "python -m jobs.train_demo")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,15 @@ METADATA_SCHEMA = pa.schema(
         pa.field("score_seconds", pa.float32()),
         pa.field("shard", pa.string()),
         pa.field("graph", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("caption", pa.string()),
     ]
 )
-"""``metadata/*.parquet``: one row per image; recall columns are null when scoring is off."""
+"""``metadata/*.parquet``: one row per image; recall columns are null when scoring is off.
+
+``key``: the image file's stem (PNG) or its WebDataset ``__key__`` (tar), unique in a run;
+``caption``: the graph written as text (:func:`sgmodel.caption.graph_caption`); ``image_key``: the
+image's path in the run (``images/{shard}-{digest}.tar/{key}.png`` for a sample in a tar)."""
 
 ERRORS_SCHEMA = pa.schema(
     [

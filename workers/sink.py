@@ -3,6 +3,11 @@
 File names are functions of the rows they hold (ids and sample indices), so a batch that Ray
 retries overwrites its own files instead of duplicating them. Commit markers are written by the
 driver, last, once every row of an input shard has come through here.
+
+Every image has a ``key`` (img2dataset's): the PNG file's stem, or the WebDataset sample's
+``__key__`` in a tar, where ``{key}.png`` sits beside ``{key}.txt`` (the caption: the graph as
+text) and ``{key}.json`` (the metadata row: graph, seed, scores). Metadata rows carry the same
+``key`` and ``caption``, so tables join to files by key alone.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from sgmodel.caption import graph_caption
 from sgmodel.graph import safe_key
 from workers.schema import (
     CANDIDATES_SCHEMA,
@@ -26,8 +32,12 @@ from workers.schema import (
     STATS_SCHEMA,
 )
 from workers.storage import Storage, join
+from workers.validate import graph_from_json
 
 OUTPUT_FORMATS = ("png", "webdataset")
+UNREPEATABLE = ("gen_seconds", "score_seconds", "generated_at", "image_key", "shard")
+"""Metadata left out of a tar's ``{key}.json``: timings and where the row sits, so identical reruns
+write identical tars."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,11 +94,12 @@ class Sink:
         digest = batch_digest(rows)
         images = [r for r in rows if r.get("image") is not None]
         errors = [r for r in rows if r.get("image") is None]
-        keys = self._write_images(shard, digest, images)
         sbpc = bool(images) and "candidates" in images[0]
         schema = SBPC_METADATA_SCHEMA if sbpc else METADATA_SCHEMA
+        keys = [image_name(r["id"], r["sample_index"]) for r in images]
+        meta = [self._metadata_row(r, key, self._image_path(shard, digest, key), schema) for r, key in zip(images, keys)]
+        self._write_images(shard, digest, images, meta)
         if images:
-            meta = [self._metadata_row(r, key, schema) for r, key in zip(images, keys)]
             self.storage.write_parquet(pa.Table.from_pylist(meta, schema=schema),
                                        join(run, "metadata", f"{shard}-{digest}.parquet"))
         if sbpc:
@@ -104,26 +115,30 @@ class Sink:
                 "recall_sum": float(sum(recalls)), "recall_count": len(recalls),
                 "errors_by_reason": json.dumps(Counter(r["error_code"] for r in errors))}
 
-    def _write_images(self, shard: str, digest: str, rows: list[dict]) -> list[str]:
-        run = self.settings.run_uri
-        names = [image_name(r["id"], r["sample_index"]) for r in rows]
+    def _image_path(self, shard: str, digest: str, key: str) -> str:
+        """``image_key``: the PNG's path in the run, or ``{tar path}/{key}.png`` for a sample inside a tar."""
         if self.settings.output_format == "png":
-            keys = [f"images/{shard}/{name}.png" for name in names]
-            for key, row in zip(keys, rows):
-                self.storage.write_bytes(join(run, key), row["image"], content_type="image/png")
-            return keys
-        tar_key = f"images/{shard}-{digest}.tar"
+            return f"images/{shard}/{key}.png"
+        return f"images/{shard}-{digest}.tar/{key}.png"
+
+    def _write_images(self, shard: str, digest: str, rows: list[dict], meta: list[dict]) -> None:
+        run = self.settings.run_uri
+        if self.settings.output_format == "png":
+            for row, m in zip(rows, meta):
+                self.storage.write_bytes(join(run, m["image_key"]), row["image"], content_type="image/png")
+            return
+        if not rows:
+            return
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, row in zip(names, rows):
-                meta = {k: row.get(k) for k in ("id", "sample_index", "seed", "recall", "relation_score")}
-                meta["graph"] = json.loads(row["graph"])
-                for ext, data in (("png", row["image"]), ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{name}.{ext}")
+            for row, m in zip(rows, meta):
+                for ext, data in (("png", row["image"]), ("txt", m["caption"].encode()),
+                                  ("json", json.dumps(sample_json(m)).encode())):
+                    info = tarfile.TarInfo(f"{m['key']}.{ext}")
                     info.size, info.mtime = len(data), 0  # mtime 0: identical reruns give identical bytes
                     tar.addfile(info, io.BytesIO(data))
-        self.storage.write_bytes(join(run, tar_key), buf.getvalue(), content_type="application/x-tar")
-        return [f"{tar_key}/{name}.png" for name in names]
+        self.storage.write_bytes(join(run, f"images/{shard}-{digest}.tar"), buf.getvalue(),
+                                 content_type="application/x-tar")
 
     def _write_candidates(self, shard: str, digest: str, rows: list[dict]) -> None:
         """candidates/{shard}-{digest}.parquet, and the candidate images when the job kept them."""
@@ -145,8 +160,17 @@ class Sink:
         self.storage.write_parquet(pa.Table.from_pylist(table, schema=CANDIDATES_SCHEMA),
                                    join(run, "candidates", f"{shard}-{digest}.parquet"))
 
-    def _metadata_row(self, row: dict, key: str, schema: pa.Schema = METADATA_SCHEMA) -> dict:
+    def _metadata_row(self, row: dict, key: str, image_path: str, schema: pa.Schema = METADATA_SCHEMA) -> dict:
         out = {name: row.get(name) for name in schema.names}
-        out["image_key"] = key
+        out["image_key"] = image_path
         out["model_fingerprint"] = self.settings.model_fingerprint
+        out["key"] = key
+        out["caption"] = graph_caption(graph_from_json(row["graph"]))
         return out
+
+
+def sample_json(meta: dict) -> dict:
+    """A tar sample's ``{key}.json``: its metadata row with the graph as JSON, without timings."""
+    out = {k: v for k, v in meta.items() if k not in UNREPEATABLE}
+    out["graph"] = json.loads(meta["graph"])
+    return out

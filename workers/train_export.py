@@ -39,7 +39,7 @@ def load_base(settings: WorkerSettings, storage: Storage):
         return pipe
     return SceneGraphDiffusionPipeline.from_stable_diffusion(
         path, conditioning=settings.conditioning or "tokens", projection_dim=projection_dim,
-        layout_channels=settings.layout_channels if settings.conditioning == "gated" else 0,
+        layout_channels=settings.layout_channels if settings.conditioning == "gated" else 0, **settings.graph_sizes,
     )
 
 
@@ -68,7 +68,8 @@ def export_pipeline(settings: WorkerSettings, state: Mapping[str, torch.Tensor],
     """Load the base again, put the trained weights in, merge LoRA, save safetensors to ``settings.output``.
 
     Rebuilding from the base (instead of saving the training copy) gives full frozen weights even
-    when ZeRO-3 partitioned them, and a plain fp32 pipeline whatever the training precision.
+    when ZeRO-3 partitioned them, and a plain fp32 pipeline whatever the training precision. With
+    LoRA, the adapters are also written unmerged as ``pytorch_lora_weights.safetensors``.
     """
     from sgmodel.train import configure_trainable, merge_lora
 
@@ -90,11 +91,12 @@ def export_pipeline(settings: WorkerSettings, state: Mapping[str, torch.Tensor],
             params = dict(target.named_parameters())
             for key, tensor in tensors.items():
                 params[key].copy_(tensor.reshape(params[key].shape).to(params[key].dtype))  # [1] -> 0-dim gates
-    if settings.train.trainable == "lora":
-        merge_lora(pipe.unet)
     pipe.to(torch.float32)
     written = []
     with tempfile.TemporaryDirectory() as tmp:
+        if settings.train.trainable == "lora":
+            save_lora_weights(pipe.unet, tmp)
+            merge_lora(pipe.unet)
         pipe.save_pretrained(tmp, safe_serialization=True)
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
@@ -102,3 +104,17 @@ def export_pipeline(settings: WorkerSettings, state: Mapping[str, torch.Tensor],
                 storage.write_bytes(uri, path.read_bytes())
                 written.append(uri)
     return written
+
+
+def save_lora_weights(unet: torch.nn.Module, folder: str) -> None:
+    """The UNet's LoRA adapters as diffusers writes them (``pytorch_lora_weights.safetensors``, with the
+    adapter config in its metadata), so ``pipe.load_lora_weights(folder)`` puts them on the base's UNet."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=layers, safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )

@@ -24,6 +24,12 @@ import torch
 
 from sgmodel.optim import EMA, lr_factor, trainable_named
 from workers.storage import Storage, StorageSettings, join
+from workers.train_checkpoint import (
+    check_own_checkpoint,
+    staged_for_deepspeed,
+    tidy_saved,
+    use_safetensors_checkpoints,
+)
 from workers.train_data import BadRows, SyncedBatches, gather_bad_rows
 from workers.train_engine import LOSS_KEYS, all_reduce, place_frozen, prepare_for_deepspeed, trained_state
 from workers.train_export import export_pipeline, load_base, load_image_encoder
@@ -66,6 +72,10 @@ class WorkerSettings:
     storage: StorageSettings
     has_val: bool
     ema_decay: float | None = None
+    checkpoint_root: str = ""
+    """Where this run's checkpoints live, as Ray Train names them (resume reads nothing from elsewhere)."""
+    graph_sizes: dict = field(default_factory=dict)
+    """For Stable Diffusion bases: sizes of the new graph encoder and conditioner (from_stable_diffusion's arguments)."""
 
     @property
     def micro_batch(self) -> int:
@@ -176,11 +186,14 @@ def train_loop_per_worker(config: dict) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings.deepspeed, dist_init_required=False
     )
+    use_safetensors_checkpoints(engine)  # weights and optimizer state as safetensors; nothing is unpickled
 
-    # 2. Resume: DeepSpeed restores weights, optimizer and LR schedule; our state file the rest.
+    # 2. Resume (only from this run's own checkpoint storage): DeepSpeed restores weights, optimizer and LR
+    #    schedule; our state file the rest.
     state = TrainerState(world_size=world, zero_stage=settings.zero_stage)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        check_own_checkpoint(checkpoint.path, settings.checkpoint_root)
         with checkpoint.as_directory() as folder:
             saved = TrainerState.from_json(json.loads((Path(folder) / STATE_FILE).read_text()))
             if saved.world_size != world or saved.zero_stage != settings.zero_stage:
@@ -188,8 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
                     f"checkpoint at step {saved.step} was written by {saved.world_size} workers at ZeRO-{saved.zero_stage}; "
                     f"resume with --workers {saved.world_size} --zero-stage {saved.zero_stage}"
                 )
-            load_path, _ = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+            with staged_for_deepspeed(folder, CHECKPOINT_TAG) as staged:
+                load_path, _ = engine.load_checkpoint(staged, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed found no checkpoint under {checkpoint.path}")
         state = saved
@@ -234,6 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
         state.bad_rows = merged.as_json()
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"step": state.step})
+            tidy_saved(folder)
             if rank == 0:
                 (Path(folder) / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")
                 if ema is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from jobs.common import job_main, storage_for
 from jobs.config import require
+from jobs.preflight import check_before_start
 from jobs.report.build import build_report
 
 
@@ -44,6 +45,7 @@ class ReportConfig:
 
 
 def run(cfg: ReportConfig) -> tuple[dict, int]:
+    check_before_start(cfg)
     uri = build_report(storage_for(cfg), cfg.run, max_images=cfg.max_images, max_errors=cfg.max_errors)
     print(f"report: {uri}")
     return {"report": uri}, 0

@@ -97,3 +97,29 @@ def config_with(config: RecallConfig | None, options: Mapping[str, Any]) -> Reca
     if config is not None and not isinstance(config, RecallConfig):
         raise ValueError(f"config must be a RecallConfig, got {config!r}")
     return replace(config or RecallConfig(), **options)
+
+
+def read_label_map(text: str) -> dict[str, str | int]:
+    """A label-map file's text (YAML or JSON) as :attr:`RecallConfig.mapping`: graph label or phrase -> the
+    segmenter's class name or id. Raises ValueError naming the problem (with line and column for bad YAML)::
+
+        # ADE20K (150 classes): graph labels -> ADE20K class names
+        man: person
+        woman: person
+        sofa: sofa
+        tv: crt screen
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"{where}{' '.join(str(err.problem or 'invalid YAML').split())}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(" ".join(str(err).split())) from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"expected a mapping of graph label: segmenter class, got {type(data).__name__}")
+    mapping = {str(k) if isinstance(k, (int, float)) and not isinstance(k, bool) else k: v for k, v in data.items()}
+    return dict(RecallConfig(mapping=mapping).mapping)  # its checks: non-empty phrases, class names or ids

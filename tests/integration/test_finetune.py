@@ -100,12 +100,15 @@ def test_zero3_bf16_loss_goes_down_and_the_export_loads_and_generates(local_ray,
     assert run_json["job"] == "finetune" and run_json["config"]["zero_stage"] == 3 and run_json["versions"]["deepspeed"]
     assert run_json["deepspeed"]["zero_optimization"]["stage"] == 3 and run_json["deepspeed"]["bf16"]["enabled"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 20
-    checkpoints = out / "checkpoints" / RUN_NAME
+    checkpoints = Path(f"{out}-checkpoints") / RUN_NAME  # beside the output
     assert {p.name for p in checkpoints.glob("step-*")} == {"step-00000010", "step-00000020"}
     assert (checkpoints / "step-00000020" / "trainer_state.json").is_file()
+    saved = [p for p in checkpoints.rglob("*") if p.is_file()]
+    assert any(p.name.endswith("optim_states.safetensors") for p in saved)
+    assert not any(p.suffix in (".pt", ".bin", ".py") for p in saved), saved  # no pickles, no scripts
 
     # The export: safetensors only, fp32, loads as a pipeline and samples something else than the base.
-    weights = sorted(p.name for p in out.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt") and "checkpoints" not in p.parts)
+    weights = sorted(p.name for p in out.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
     assert weights and all(name.endswith(".safetensors") for name in weights)
     tuned = SceneGraphDiffusionPipeline.from_pretrained(out, use_safetensors=True)
     assert tuned.unet.dtype == torch.float32
@@ -144,7 +147,7 @@ def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, 
         patch.setattr(train_loop, "train_loop_per_worker", crash_after_step_10)
         failed, code = run(cfg)
     assert code == 1 and failed["status"] == "failed" and failed["error"]
-    checkpoints = out / "checkpoints" / RUN_NAME
+    checkpoints = Path(f"{out}-checkpoints") / RUN_NAME
     assert {p.name for p in checkpoints.glob("step-*")} == {"step-00000005", "step-00000010"}
     assert [m["step"] for m in metrics(out)] == [5, 10]
     assert not (out / "model_index.json").exists()
@@ -221,11 +224,12 @@ def test_gated_lora_checkpoints_and_export_to_s3_then_generate_from_there(local_
                                s3_endpoint_url=s3_bucket.endpoint_url, s3_region="us-east-1"))
     assert code == 0, summary["error"]
     keys = {uri[len(out) + 1:] for uri in storage.list(out)}
-    assert {"model_index.json", "run.json", "metrics.jsonl", "summary.json",
+    assert {"model_index.json", "run.json", "metrics.jsonl", "summary.json", "pytorch_lora_weights.safetensors",
             "unet/diffusion_pytorch_model.safetensors", "conditioner/diffusion_pytorch_model.safetensors"} <= keys
-    assert {k.split("/")[2] for k in keys if k.startswith(f"checkpoints/{RUN_NAME}/step-")} == {
+    checkpoint_keys = {uri[len(out) + len("-checkpoints/"):] for uri in storage.list(f"{out}-checkpoints")}
+    assert {k.split("/")[1] for k in checkpoint_keys if k.startswith(f"{RUN_NAME}/step-")} == {
         "step-00000005", "step-00000010"}
-    assert not any(k.endswith(".bin") for k in keys)
+    assert not any(k.endswith((".bin", ".pt")) for k in keys | checkpoint_keys)
 
     local = localize_model(out, storage, cache_dir=str(tmp_path / "cache"))
     tuned = SceneGraphDiffusionPipeline.from_pretrained(local, use_safetensors=True)

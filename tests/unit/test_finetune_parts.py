@@ -19,7 +19,7 @@ from sgmodel.optim import EMA
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
 from sgmodel.shapes.flavours import build_pipeline
 from sgmodel.shapes.world import iter_shapes_records
-from sgmodel.train import DiffusionTrainingModule, TrainConfig
+from sgmodel.train import DiffusionTrainingModule, TrainConfig, configure_trainable
 from workers.storage import Storage
 from workers.train_data import BadRows, decode_batch, rows_to_batch
 from workers.train_engine import prepare_for_deepspeed
@@ -148,6 +148,32 @@ def test_export_refuses_weights_the_base_does_not_have(tmp_path):
         export_pipeline(settings_for(str(base), str(tmp_path / "out")), {"conditioner.nope": torch.zeros(1)}, Storage())
 
 
+def test_lora_export_writes_diffusers_lora_weights_beside_the_merged_unet(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    base = tmp_path / "base"
+    build_pipeline("debug", VOCAB, seed=0).save_pretrained(base)
+    pipe = SceneGraphDiffusionPipeline.from_pretrained(base, use_safetensors=True)
+    configure_trainable(pipe, TrainConfig(trainable="lora"))  # the adapters the export adds: same names and rank
+    torch.manual_seed(1)
+    state = {f"unet.{n}": torch.randn_like(p) * 0.1 for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert state
+    export_pipeline(settings_for(str(base), str(tmp_path / "out"), trainable="lora"), state, Storage())
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    onto_base = SceneGraphDiffusionPipeline.from_pretrained(base, use_safetensors=True)
+    onto_base.load_lora_weights(tmp_path / "out")  # the LoRA file on the base gives the merged UNet
+    x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 5, merged.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = merged(x, 10, encoder_hidden_states=ctx).sample
+        got = onto_base.unet(x, 10, encoder_hidden_states=ctx).sample
+        plain = UNet2DConditionModel.from_pretrained(base / "unet")(x, 10, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert (got - plain).abs().max() > 1e-3  # the adapters change the UNet
+
+
 def test_inspect_base_tells_scene_graph_from_stable_diffusion_folders(tmp_path):
     sg = tmp_path / "sg"
     build_pipeline("debug", VOCAB, seed=0).save_pretrained(sg)
@@ -187,6 +213,9 @@ def test_inspect_base_tells_scene_graph_from_stable_diffusion_folders(tmp_path):
         ({"steps": 5, "cpus_per_worker": 0.0}, "--cpus-per-worker = 0.0: must be > 0"),
         ({"steps": 5, "ema_decay": 0.999, "zero_stage": 3}, "--ema-decay = 0.999: needs --zero-stage 1 or 2"),
         ({"steps": 5, "ema_decay": 1.0}, "--ema-decay = 1.0: must lie in"),
+        ({"steps": 5, "output": "s3://bucket"}, "--output = 's3://bucket': is a bucket or filesystem root"),
+        ({"steps": 5, "graph_dim": 0}, "--graph-dim = 0: must be >= 1"),
+        ({"steps": 5, "graph_layers": 0}, "--graph-layers = 0: must be >= 1"),
     ],
 )
 def test_config_rejects_bad_flags_naming_flag_and_value(kwargs, message):
@@ -202,8 +231,10 @@ def test_config_reads_overrides_inline_or_from_yaml(tmp_path):
     path.write_text("zero_optimization:\n  reduce_bucket_size: 7\n")
     assert FinetuneConfig(train="t", steps=1, deepspeed_overrides=str(path)).overrides() == {
         "zero_optimization": {"reduce_bucket_size": 7}}
-    assert FinetuneConfig(train="t", steps=1).checkpoint_uri == "out/finetune/checkpoints"
-    assert FinetuneConfig(train="t", steps=1, output="s3://b/x/").checkpoint_uri == "s3://b/x/checkpoints"
+    # checkpoints go beside the output, so the output folder holds just what is shared
+    assert FinetuneConfig(train="t", steps=1).checkpoint_uri == "out/finetune-checkpoints"
+    assert FinetuneConfig(train="t", steps=1, output="s3://b/x/").checkpoint_uri == "s3://b/x-checkpoints"
+    assert FinetuneConfig(train="t", steps=1, output="s3://b", checkpoint_dir="s3://c/k").checkpoint_uri == "s3://c/k"
 
 
 def test_resolved_makes_local_paths_absolute_and_leaves_s3_and_hub_ids(tmp_path, monkeypatch):
@@ -212,7 +243,9 @@ def test_resolved_makes_local_paths_absolute_and_leaves_s3_and_hub_ids(tmp_path,
     cfg = FinetuneConfig(train="tables/train", base="base", output="out/ft", steps=1).resolved()
     assert (cfg.train, cfg.base, cfg.output) == (str(tmp_path / "tables/train"), str(tmp_path / "base"),
                                                  str(tmp_path / "out/ft"))
-    assert cfg.checkpoint_uri == str(tmp_path / "out/ft/checkpoints")
+    assert cfg.checkpoint_uri == str(tmp_path / "out/ft-checkpoints")
+    given = FinetuneConfig(train="t", output="o", checkpoint_dir="ck", steps=1).resolved()
+    assert given.checkpoint_uri == str(tmp_path / "ck")
     remote = FinetuneConfig(train="s3://b/t", base="someone/stable-diffusion", output="s3://b/o", steps=1).resolved()
     assert (remote.train, remote.base, remote.output) == ("s3://b/t", "someone/stable-diffusion", "s3://b/o")
 

@@ -139,8 +139,12 @@ def write_tiny_clip_tokenizer(folder) -> None:
 @pytest.fixture
 def tiny_sd_folder(tmp_path):
     """A Stable Diffusion-format folder (unet, vae, text_encoder, tokenizer, scheduler) built from configs."""
+    return build_tiny_sd_folder(tmp_path / "tiny-sd")
+
+
+def build_tiny_sd_folder(root):
+    """Stable Diffusion's components (unet, vae, text_encoder, tokenizer, scheduler), seeded, saved under ``root``."""
     torch.manual_seed(0)
-    root = tmp_path / "tiny-sd"
     UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

@@ -115,7 +115,7 @@ def test_prepare_for_deepspeed_keeps_the_forward_and_returns_loss_tensors():
 
 def settings_for(base: str, output: str, trainable: str = "conditioning") -> WorkerSettings:
     return WorkerSettings(
-        base=base, base_kind="scene_graph", conditioning=None, image_encoder=None,
+        base=base, base_kind="scene_graph", conditioning=None, layout_channels=0, image_encoder=None,
         train=TrainConfig(trainable=trainable), deepspeed={}, steps=1, lr=1e-4, weight_decay=0.0, warmup_steps=0,
         image_size=16, use_gpu=False, threads=None, seed=0, log_every=1, checkpoint_every=1, val_every=None,
         val_batches=None, shuffle_buffer=1, output=output, storage=Storage().settings, has_val=False,

@@ -50,8 +50,10 @@ def scored_rows(samples: int = 2) -> pa.Table:
 def write(tmp_path: Path, output_format: str) -> tuple[Path, pa.Table]:
     run = tmp_path / output_format
     stats = Sink(SinkSettings(run_uri=str(run), output_format=output_format, model_fingerprint="fp"))(scored_rows())
-    assert stats.to_pylist()[0] | {"recall_sum": 0} == {"shard": "part-0", "rows": 3, "images": 4, "errors": 1,
-                                                        "recall_sum": 0, "recall_count": 4}
+    row = stats.to_pylist()[0]
+    assert {k: row[k] for k in ("shard", "rows", "images", "errors", "recall_count", "errors_by_reason")} == {
+        "shard": "part-0", "rows": 3, "images": 4, "errors": 1, "recall_count": 4,
+        "errors_by_reason": '{"no_objects": 1}'}
     return run, pq.read_table(next((run / "metadata").glob("*.parquet")))
 
 

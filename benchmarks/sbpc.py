@@ -60,7 +60,7 @@ from shapes_quality import HELD_OUT_SEED, held_out_graphs, write_json  # noqa: E
 
 from jobs.defaults import DEMO_MODEL, DEMO_SEGMENTER  # noqa: E402
 from jobs.generate import GenerateConfig  # noqa: E402
-from sgmodel.draft import load_draft_model  # noqa: E402
+from sgmodel.draft import load_draft_model, read_fast_settings  # noqa: E402
 from sgmodel.graph import SceneGraph  # noqa: E402
 from sgmodel.pipeline import SceneGraphDiffusionPipeline  # noqa: E402
 from sgmodel.sbpc import (  # noqa: E402
@@ -125,6 +125,16 @@ class Row:
         }
 
 
+def fast_row(args: argparse.Namespace, common: dict, distilled_steps: int) -> Row:
+    """The job's --fast: the settings of the model's sbpc_fast.json."""
+    f = args.fast
+    return Row(f"fast (sbpc_fast.json: N={f['candidates']}, ≤{f['final_candidates']} finals from drafts at "
+               f"strength {f['final_strength']:g}, ≥{f['target_recall']:g})",
+               SBPCConfig(candidates=f["candidates"], **common, draft_steps=distilled_steps,
+                          final_candidates=f["final_candidates"], target_recall=f["target_recall"],
+                          final_strength=f["final_strength"]), distilled=True)
+
+
 def build_rows(args: argparse.Namespace, height: int, width: int, distilled_steps: int | None) -> list[Row]:
     common = {"final_steps": args.final_steps, "height": height, "width": width, "base_seed": args.seed}
     draft = {"draft_steps": args.draft_steps, "draft_size": args.draft_size}
@@ -133,6 +143,9 @@ def build_rows(args: argparse.Namespace, height: int, width: int, distilled_step
     size = f", {args.draft_size} px" if args.draft_size else ""
     finals = {"final_candidates": args.final_candidates, "target_recall": args.target_recall}
     m = args.final_candidates
+    fast = [fast_row(args, common, distilled_steps)] if args.fast and distilled_steps is not None else []
+    if args.fast_only:
+        return [Row(f"naive N={n}", SBPCConfig(candidates=n, **common)), *fast]
     return [
         Row("N=1", SBPCConfig(candidates=1, **common)),
         Row(f"naive N={n}", SBPCConfig(candidates=n, **common)),
@@ -154,6 +167,7 @@ def build_rows(args: argparse.Namespace, height: int, width: int, distilled_step
                 SBPCConfig(candidates=n, **common, draft_steps=distilled_steps, final_candidates=args.guided_finals,
                            target_recall=args.target_recall, final_strength=args.final_strength), distilled=True),
         ]),
+        *fast,
     ]
 
 
@@ -271,8 +285,12 @@ MAIN_HEADER = ["", "avg recall", "avg max cand.", "avg relation", "candidates / 
                "final steps / graph", "s / graph", "speed-up vs naive"]
 
 
+def naive_row(rows: list[Row]) -> Row:
+    return next(r for r in rows if r.name.startswith("naive"))
+
+
 def main_cells(rows: list[Row], figures: dict) -> list[list[str]]:
-    naive = figures["rows"][rows[1].name]["seconds"]
+    naive = figures["rows"][naive_row(rows).name]["seconds"]
     out = []
     for row in rows:
         f = figures["rows"][row.name]
@@ -307,36 +325,39 @@ def markdown_table(header: list[str], cells: list[list[str]]) -> str:
 
 def targets(rows: list[Row], figures: dict, n: int) -> list[dict]:
     f = figures["rows"]
-    one, naive, draft, ad_naive, ad_draft = (f[r.name] for r in rows[:5])
-    speed = naive["seconds"] / draft["seconds"]
-    out = [
-        {"target": f"best-of-{n} avg recall >= N=1 + 0.05",
-         "measured": f"{naive['avg_recall']:.3f} vs {one['avg_recall']:.3f} + 0.05 = {one['avg_recall'] + 0.05:.3f}",
-         "pass": naive["avg_recall"] >= one["avg_recall"] + 0.05},
-        {"target": "draft SBPC >= 4x faster than naive", "measured": f"{speed:.2f}x", "pass": speed >= 4.0},
-        {"target": "draft SBPC avg recall within 0.02 of naive",
-         "measured": f"{draft['avg_recall']:.3f} vs {naive['avg_recall']:.3f}, "
-                     f"diff {draft['avg_recall'] - naive['avg_recall']:+.3f}",
-         "pass": draft["avg_recall"] >= naive["avg_recall"] - 0.02},
-    ]
-    for name, ad, ref, ref_name in ((rows[3].name, ad_naive, naive, "naive"), (rows[4].name, ad_draft, draft, "draft")):
-        out.append({
-            "target": f"{name}: fewer than {n} candidates at recall >= {ref_name} N={n}",
-            "measured": f"{ad['avg_candidates_drawn']:.2f} candidates, recall {ad['avg_recall']:.3f} vs "
-                        f"{ref['avg_recall']:.3f}",
-            "pass": ad["avg_candidates_drawn"] < n and ad["avg_recall"] >= ref["avg_recall"] - 1e-9,
-        })
-    for row in rows[5:]:  # the other draft rows (≤M finals, distilled): the draft targets again
-        if row.config.adaptive_drafts:
-            continue
+    naive = f[f"naive N={n}"]
+
+    def speed_and_recall(row: Row, speed_target: float, recall_gap: float) -> list[dict]:
         d = f[row.name]
         speed = naive["seconds"] / d["seconds"]
-        out.append({"target": f"{row.name} >= 4x faster than naive", "measured": f"{speed:.2f}x",
-                    "pass": speed >= 4.0})
-        out.append({"target": f"{row.name} avg recall within 0.02 of naive",
-                    "measured": f"{d['avg_recall']:.3f} vs {naive['avg_recall']:.3f}, "
-                                f"diff {d['avg_recall'] - naive['avg_recall']:+.3f}",
-                    "pass": d["avg_recall"] >= naive["avg_recall"] - 0.02})
+        return [
+            {"target": f"{row.name} >= {speed_target:g}x faster than naive", "measured": f"{speed:.2f}x",
+             "pass": speed >= speed_target},
+            {"target": f"{row.name} avg recall within {recall_gap:g} of naive",
+             "measured": f"{d['avg_recall']:.3f} vs {naive['avg_recall']:.3f}, diff {d['avg_recall'] - naive['avg_recall']:+.3f}",
+             "pass": d["avg_recall"] >= naive["avg_recall"] - recall_gap},
+        ]
+
+    out = []
+    if "N=1" in f:
+        one = f["N=1"]
+        out.append({"target": f"best-of-{n} avg recall >= N=1 + 0.05",
+                    "measured": f"{naive['avg_recall']:.3f} vs {one['avg_recall']:.3f} + 0.05 = {one['avg_recall'] + 0.05:.3f}",
+                    "pass": naive["avg_recall"] >= one["avg_recall"] + 0.05})
+    for row in rows:
+        if row.name.startswith("fast"):
+            out.extend(speed_and_recall(row, 5.0, 0.01))
+        elif row.config.draft_steps is not None and not row.config.adaptive_drafts:
+            out.extend(speed_and_recall(row, 4.0, 0.02))
+        elif row.name.startswith("adaptive draft"):
+            ref = f[rows[2].name]
+            out.append({"target": f"{row.name}: fewer than {n} candidates at recall >= draft N={n}",
+                        "measured": f"{f[row.name]['avg_candidates_drawn']:.2f} candidates, recall "
+                                    f"{f[row.name]['avg_recall']:.3f} vs {ref['avg_recall']:.3f}",
+                        "pass": f[row.name]["avg_candidates_drawn"] < n
+                        and f[row.name]["avg_recall"] >= ref["avg_recall"] - 1e-9})
+    # Adaptive naive is no target: its candidates are a prefix of naive's (same seeds) and it stops only
+    # at recall 1.0, so its recall equals naive's by construction; its table row shows what it saves.
     return out
 
 
@@ -369,12 +390,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--table3-count", type=int, default=None, help="graphs in Table 3 (default: --count)")
     parser.add_argument("--batch-size", type=int, default=JOB_BATCH, help="graphs per run_sbpc call (job: --batch-size)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fast-only", action="store_true",
+                        help="only naive N and the model's --fast settings (sbpc_fast.json), no Table 3")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as markdown (docs/benchmarks.md)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure as JSON")
     args = parser.parse_args(argv)
     args.guided_finals = args.guided_finals or args.candidates
+    args.fast = read_fast_settings(args.model)
+    if args.fast and not args.draft_model:
+        args.draft_model = args.fast["draft_model"]
+    if args.fast_only and args.fast is None:
+        parser.error(f"--fast-only: {args.model} has no sbpc_fast.json")
     table3_steps = args.table3_steps or [args.draft_steps, args.final_steps]
-    table3_count = min(args.count, args.table3_count or args.count)
+    table3_count = 0 if args.fast_only else min(args.count, args.table3_count or args.count)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
 
@@ -413,14 +441,16 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": {row.name: row.figures(args.count) for row in rows},
         "draft_checks": draft_checks(rows),
     }
-    naive_seconds = figures["rows"][rows[1].name]["seconds"]
+    naive_seconds = figures["rows"][naive_row(rows).name]["seconds"]
     for row in rows:
         figures["rows"][row.name]["speedup_vs_naive"] = naive_seconds / row.seconds
 
     pool = candidate_pool(rows, height, width)
     pool = {k: v[:table3_count] for k, v in pool.items()}
-    t3, t3_drawn, t3_seconds = table3(graphs[:table3_count], table3_steps, sorted(set(args.table3_candidates)), pool,
-                                      fns, args.seed, height, width, args.batch_size * args.candidates)
+    t3, t3_drawn, t3_seconds = [], 0, 0.0
+    if table3_count:
+        t3, t3_drawn, t3_seconds = table3(graphs[:table3_count], table3_steps, sorted(set(args.table3_candidates)),
+                                          pool, fns, args.seed, height, width, args.batch_size * args.candidates)
     figures["table3"] = {"graphs": table3_count, "steps": table3_steps, "rows": t3,
                          "candidates_generated": t3_drawn, "seconds": t3_seconds}
     figures["targets"] = targets(rows, figures, args.candidates)
@@ -437,9 +467,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"/{check['graphs']} graphs, pixel-identical to naive's candidate of that seed for "
               f"{check['final_equals_naive_candidate']}/{check['graphs']}; same winner as naive for "
               f"{check['same_winner_as_naive']}/{check['graphs']}")
-    print(f"\nFG-DM Table 3 ({table3_count} graphs; N=1 and 5 are prefixes of the 10 candidates per graph; "
-          f"{t3_drawn} candidates drawn for it, the rest reused from the rows above)")
-    print(t3_text)
+    if table3_count:
+        print(f"\nFG-DM Table 3 ({table3_count} graphs; N=1 and 5 are prefixes of the 10 candidates per graph; "
+              f"{t3_drawn} candidates drawn for it, the rest reused from the rows above)")
+        print(t3_text)
     print("\ntargets")
     for t in figures["targets"]:
         print(f"  {'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['measured']}")

@@ -38,7 +38,7 @@ from jobs.stages import (
     sink_stage,
 )
 from jobs.summary import read_table
-from sgmodel.draft import check_draft_teacher, read_draft_config
+from sgmodel.draft import FAST_FILE, check_draft_teacher, read_draft_config, read_fast_settings
 from sgmodel.fingerprint import model_fingerprint
 from sgmodel.sbpc import table3_statistics
 from workers.schema import CANDIDATES_SCHEMA, SBPC_METADATA_SCHEMA
@@ -77,8 +77,13 @@ class SBPCJobConfig(GenerateConfig):
     steps); a final then costs S of a full render."""
     keep_candidates: bool = False
     """Also write every candidate's image (candidates/images/)."""
+    fast: bool = False
+    """The fastest settings measured for this model to keep recall near naive best-of-N: the draft model
+    and finals named in the model folder's sbpc_fast.json (a local model folder; refused without one)."""
 
     def __post_init__(self) -> None:
+        if self.fast:
+            self._apply_fast_settings()
         super().__post_init__()
         require(self.candidates >= 1, "candidates", self.candidates, "must be >= 1")
         require(self.scoring, "segmenter", self.segmenter, "SBPC needs a segmenter to score candidates")
@@ -112,6 +117,27 @@ class SBPCJobConfig(GenerateConfig):
         require(self.final_strength is None
                 or (0 < self.final_strength <= 1 and int((self.final_steps or self.steps) * self.final_strength) >= 1),
                 "final_strength", self.final_strength, "must be in (0, 1] and run at least one final step")
+
+    def _apply_fast_settings(self) -> None:
+        """--fast: take the draft and finals settings from the model's sbpc_fast.json; no flag may contradict them."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        chosen = [f"--{k.replace('_', '-')}" for k in ("draft_model", "draft_steps", "draft_size", "final_candidates",
+                                                        "final_strength", "target_recall", "round_size")
+                  if getattr(self, k) != defaults[k]]
+        require(not chosen, "fast", True, f"chooses the draft settings itself; drop {', '.join(chosen)}")
+        model = resolve(self.model)
+        require(Path(model).is_dir(), "fast", True, f"needs a local model folder; --model = {self.model!r} is not one")
+        try:
+            settings = read_fast_settings(model)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"--fast: {err}") from None
+        require(settings is not None, "fast", True,
+                f"model {self.model!r} has no {FAST_FILE} (no draft model measured for it): "
+                "distil one with python -m jobs.distill_draft and run benchmarks/sbpc.py, or use --candidates alone")
+        require(self.candidates == defaults["candidates"] or self.candidates == settings["candidates"], "candidates",
+                self.candidates, f"differs from the {settings['candidates']} that {FAST_FILE} was measured with")
+        for key, value in settings.items():
+            setattr(self, key, value)
 
     def resolved(self) -> SBPCJobConfig:
         out = super().resolved()

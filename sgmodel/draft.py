@@ -40,3 +40,25 @@ def load_draft_model(path: str | Path) -> tuple[SceneGraphDiffusionPipeline, dic
     pipe = SceneGraphDiffusionPipeline.from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe, draft
+
+
+FAST_FILE = "sbpc_fast.json"
+"""Written into a model's folder: the fastest SBPC settings measured for it (draft model and finals)."""
+
+FAST_KEYS = ("draft_model", "candidates", "final_candidates", "target_recall", "final_strength")
+
+
+def read_fast_settings(model_dir: str | Path) -> dict | None:
+    """The model's ``sbpc_fast.json`` with ``draft_model`` made a path (relative to the model's folder),
+    or None when the model has none. Unknown or missing keys are an error naming the file."""
+    path = Path(model_dir) / FAST_FILE
+    if not path.exists():
+        return None
+    settings = json.loads(path.read_text())
+    unknown = sorted(set(settings) - set(FAST_KEYS) - {"measured_by"})
+    missing = [k for k in FAST_KEYS if k not in settings]
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown keys {unknown} / missing keys {missing} (expected {list(FAST_KEYS)})")
+    draft = Path(settings["draft_model"])
+    settings["draft_model"] = str(draft if draft.is_absolute() else (Path(model_dir) / draft).resolve())
+    return {k: settings[k] for k in FAST_KEYS}

@@ -176,7 +176,6 @@ def build_dataset(cfg: GenerateConfig, pending: list[InputShard], storage: Stora
     from workers.scorer import Scorer, ScoringSettings
 
     where = placement(cfg)
-    check_cpu_budget(cfg)
     ds = read_validated(cfg, pending, storage, dupes)
     ds = generator_stage(ds, cfg, Generator, (generation_settings(cfg, where.generator_gpus), storage.settings),
                          where.generator_gpus)
@@ -201,6 +200,8 @@ def run(cfg: GenerateConfig, job: str = "generate", build=None, statistics=None)
     storage = storage_for(cfg)
     layout = RunLayout(storage, cfg.output, cfg.run_id or new_run_id())
     shards = discover_inputs(storage, cfg.input, check=check_graph_schema)
+    init_ray()
+    check_cpu_budget(cfg)  # a layout that cannot run is refused before the run folder is touched
     with RunLease(storage, layout.lease_uri, layout.uri, timeout=cfg.lease_timeout) as lease:
         lease.acquire(take_over=cfg.resume or cfg.overwrite)
         return _run_leased(cfg, job, build, statistics, storage, layout, shards, lease)
@@ -226,7 +227,6 @@ def _run_leased(cfg: GenerateConfig, job: str, build, statistics, storage: Stora
     progress.commit_empty()
     if any(s.rows for s in pending):
         with progress.ticking():
-            init_ray()
             ds = (build or build_dataset)(cfg, pending, storage, dupes, layout.uri, model_fp)
             # prefetch_batches=0: hand each result over as soon as it exists, not when the next one does
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):

@@ -30,7 +30,6 @@ from jobs.generate import GenerateConfig
 from jobs.label_map import recall_options
 from jobs.stages import (
     SCORER_CPUS,
-    check_cpu_budget,
     generation_settings,
     generator_stage,
     placement,
@@ -160,7 +159,6 @@ def build_dataset(cfg: SBPCJobConfig, pending, storage, dupes, run_uri: str, mod
     from workers.scorer import ScoringSettings
 
     where = placement(cfg)
-    check_cpu_budget(cfg)
     score = ScoringSettings(segmenter=cfg.segmenter, use_gpu=where.scorer_gpus > 0, precision=cfg.precision,
                             options=recall_options(cfg, storage))
     scorer_cls = scorer_actor_class()

@@ -81,6 +81,14 @@ def test_existing_run_needs_resume_or_overwrite(local_ray, tiny_model_dir, input
     assert summary["recall"]["count"] == 0  # scoring off
 
 
+def test_a_cpu_layout_that_cannot_run_leaves_no_run_folder(local_ray, tiny_model_dir, inputs, tmp_path):
+    from jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match="leave at least one free"):
+        run(config(tiny_model_dir, "none", str(inputs), str(tmp_path), "big", workers="64", cpus_per_worker=1.0))
+    assert not (tmp_path / "big").exists()
+
+
 def test_resume_completes_exactly_the_missing_shards(local_ray, tiny_model_dir, segmenter_dir, inputs, tmp_path):
     run(config(tiny_model_dir, segmenter_dir, str(inputs), str(tmp_path), "x"))
     run_dir = tmp_path / "x"

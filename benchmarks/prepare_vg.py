@@ -99,7 +99,7 @@ def import_run(sg: Path, img: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "jobs.prepare", "vg", "--scene-graphs", str(sg), "--image-data", str(img),
            "--output", str(out)]
     seconds, rss = run_measured(cmd)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     return {"seconds": seconds, "rss_mb": rss, "rows": summary["rows_read"], "written": summary["rows_written"]}
 
 

@@ -78,7 +78,7 @@ class FinetuneConfig(TrainConfig):
     caption conditions on the caption alone, a text-prompt baseline)."""
     layout_channels: int = 8
     """Layout canvas channels the UNet takes when the base becomes gated (0: grounding tokens only)."""
-    zero_stage: Literal[1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage (3 partitions parameters too, for models that do not fit one device)."""
     offload: Literal["none", "cpu"] = "none"
     """Offload optimizer state (and at stage 3 the parameters) to host memory."""
@@ -158,7 +158,8 @@ class FinetuneConfig(TrainConfig):
     def __post_init__(self) -> None:
         require(bool(self.train), "train", self.train, "required: the training table (Parquet file, folder or glob)")
         require(bool(self.output), "output", self.output, "required")
-        require(self.zero_stage in (1, 2, 3), "zero_stage", self.zero_stage, "must be 1, 2 or 3")
+        require(self.zero_stage in (0, 1, 2, 3) and (self.zero_stage > 0 or self.offload == "none"), "zero_stage",
+                self.zero_stage, "must be 0, 1, 2 or 3 (--offload cpu needs 1, 2 or 3)")
         require(not (self.precision == "fp16" and not self.use_gpu), "precision", self.precision,
                 "fp16 needs --use-gpu; use bf16 or fp32 on CPU workers")
         for name in ("workers", "batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints",

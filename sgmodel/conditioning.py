@@ -234,7 +234,10 @@ class SceneGraphConditioner(ModelMixin, ConfigMixin):
         return Condition(context=context + unused, mask=mask, global_=global_)
 
     def _add_grounding(self, cond, encoding, label_emb, attribute_emb, boxes, has_box, g) -> Condition:
-        params = self.layout_head(encoding.objects)  # [N, 8]
+        # The layout head reads the encoder's output without sending gradients back: its likelihood
+        # keeps falling as the spread shrinks, and through a shared encoder it would trade what the
+        # object tokens say (colours, shapes) for where objects go.
+        params = self.layout_head(encoding.objects.detach())  # [N, 8]
         boxes = boxes.to(params)
         use_boxes = torch.where(has_box.unsqueeze(-1), boxes, mean_boxes(params))  # the mean layout until drawn
         inputs = torch.cat([encoding.objects, label_emb.to(encoding.objects), attribute_emb.to(encoding.objects)], -1)

@@ -2,9 +2,12 @@
 
 Kept apart from the Ray code so the mapping flag -> DeepSpeed key is testable without a cluster
 and without initialising DeepSpeed: ZeRO stage, CPU offload, precision, micro-batch, gradient
-accumulation and clipping. The optimizer and LR schedule are not in here: the training loop passes
-its own ``torch.optim.AdamW`` and ``LambdaLR`` to ``deepspeed.initialize`` (no JIT-compiled ops are
-needed on a CPU-only machine), which is why ``zero_allow_untested_optimizer`` is set.
+accumulation and clipping. Stage 0 is plain data parallelism (every rank holds all parameters,
+gradients and optimizer state; gradients are all-reduced); 1 partitions the optimizer state, 2
+the gradients too, 3 the parameters too. The optimizer and LR schedule are not in here: the
+training loop passes its own ``torch.optim.AdamW`` and ``LambdaLR`` to ``deepspeed.initialize``
+(no JIT-compiled ops are needed on a CPU-only machine), which is why
+``zero_allow_untested_optimizer`` is set.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import torch
 
-ZERO_STAGES = (1, 2, 3)
+ZERO_STAGES = (0, 1, 2, 3)
 OFFLOADS = ("none", "cpu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -35,14 +38,17 @@ def build_deepspeed_config(
     """A DeepSpeed config dict for ``deepspeed.initialize(config=...)``.
 
     ``offload="cpu"`` moves the optimizer state (ZeRO-Offload) and, at stage 3, the parameters
-    too (ZeRO-Infinity) to host memory. fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16
-    loss scaling). ``overrides`` (e.g. from ``--deepspeed-overrides``) is merged last, key by key,
-    so any DeepSpeed option can be reached without a flag of its own.
+    too (ZeRO-Infinity) to host memory; it needs stage 1 or above (DeepSpeed ignores it at stage 0).
+    fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 loss scaling). ``overrides`` (e.g.
+    from ``--deepspeed-overrides``) is merged last, key by key, so any DeepSpeed option can be
+    reached without a flag of its own.
     """
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
     if offload not in OFFLOADS:
         raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
+    if offload != "none" and zero_stage == 0:
+        raise ValueError(f"offload {offload!r} needs ZeRO stage 1, 2 or 3 (stage 0 has no state to move)")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp16" and not use_gpu:

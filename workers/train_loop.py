@@ -33,6 +33,7 @@ from workers.train_checkpoint import (
 from workers.train_data import BadRows, SyncedBatches, gather_bad_rows
 from workers.train_engine import LOSS_KEYS, all_reduce, place_frozen, prepare_for_deepspeed, trained_state
 from workers.train_export import export_pipeline, load_base, load_image_encoder
+from workers.train_memory import ModelStateProbe
 
 logger = logging.getLogger("sgbatch")
 
@@ -263,6 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
             logger.info("validation loss of the base model: %.4f", state.initial_val_loss)
     engine.train()
     meter = LossMeter()
+    probe = ModelStateProbe(engine)  # per-rank model-state bytes at the first step, in the first metrics record
     window_start, window_samples, first_window = time.perf_counter(), 0, True
     global_batch = settings.micro_batch * settings.accumulation * world
     started_at = state.step
@@ -273,7 +275,9 @@ def train_loop_per_worker(config: dict) -> None:
             gen = torch.Generator("cpu").manual_seed(step_seed(settings.seed, rank, state.step, micro))
             losses = engine(graphs, images.to(device), generator=gen)
             engine.backward(losses["total"])
+            probe.after_backward()
             engine.step()
+            probe.after_step()
             meter.add(losses)
         if ema is not None:
             ema.update(trainable_named(engine.module, prefix="inner."))
@@ -291,6 +295,7 @@ def train_loop_per_worker(config: dict) -> None:
             first_window = False
             record = {"step": state.step, **meter.reduce(), "lr": lr,
                       "samples_per_s": round(window_samples / max(elapsed, 1e-9), 3)}
+            record.update(probe.report())
             if val is not None and (last or (settings.val_every and state.step % settings.val_every == 0)):
                 record["val_loss"] = validate()
             state.history.append(record)

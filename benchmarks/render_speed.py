@@ -7,8 +7,8 @@ The bare pipeline loop (what a generator actor runs: ``pipe(graphs, num_inferenc
 guidance_scale=3, seeds=..., output_type="np")``) on held-out shapes graphs, batch after batch,
 once per setting, settings interleaved round by round so background load hits them alike:
 
-- ``default``: the job's defaults (fp32, eager, the model's attention processor, inference mode);
-- ``channels_last``: the UNet in channels-last memory format;
+- ``default``: fp32, eager, contiguous weights, the model's attention processor, inference mode;
+- ``channels_last``: the UNet in channels-last memory format (the job's default, ``--memory-format``);
 - ``compile``: ``torch.compile`` of the UNet (inductor; its compile time is reported, not timed);
 - ``bf16``: CPU autocast to bfloat16 (only where the CPU has native bf16 support);
 - ``no SDPA``: diffusers' classic attention processor instead of PyTorch's scaled_dot_product_attention;

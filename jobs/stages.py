@@ -77,7 +77,7 @@ def generation_settings(cfg, gpus: float, steps: int | None = None):
         model=cfg.model, steps=steps or cfg.steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width,
         samples_per_graph=cfg.samples_per_graph, base_seed=cfg.seed, precision=cfg.precision,
         scheduler=cfg.scheduler, use_gpu=gpus > 0, threads=cfg.threads_per_worker, compile=cfg.compile,
-        layout=cfg.layout,
+        channels_last=cfg.memory_format == "channels_last", layout=cfg.layout,
     )
 
 

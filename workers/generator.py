@@ -46,6 +46,8 @@ class GenerationSettings:
     use_gpu: bool = False
     threads: int | None = None
     compile: bool = False
+    channels_last: bool = True
+    """The UNet's weights in channels-last memory format (faster convolutions, same images up to rounding)."""
     layout: str = "sample"
     """Layout-grounded models, graphs without boxes: draw each image's layout ("sample") or start from the
     mean layout ("mean")."""
@@ -77,7 +79,8 @@ class Generator:
             keep_freed_memory()
         self.dtype = pick_dtype(settings.precision, self.device)
         path = localize_model(settings.model, Storage(storage_settings) if storage_settings else None)
-        self.pipe = load_pipeline(path, self.device, self.dtype, settings.scheduler, settings.compile)
+        self.pipe = load_pipeline(path, self.device, self.dtype, settings.scheduler, settings.compile,
+                                  settings.channels_last)
         self.height = settings.height or self.pipe.default_size
         self.width = settings.width or self.pipe.default_size
         logger.info("generator ready: %s on %s/%s, %d threads", settings.model, self.device, self.dtype, self.threads)

@@ -54,7 +54,8 @@ class SBPCGenerator:
             raise ValueError(f"--draft-model {model!r} has no draft.json: not a distilled draft model "
                              "(make one with python -m jobs.distill_draft)")
         check_draft_teacher(draft, model, model_fingerprint(localize_model(self.settings.model, storage)))
-        pipe = load_pipeline(path, self.base.device, self.base.dtype, "model", self.settings.compile)
+        pipe = load_pipeline(path, self.base.device, self.base.dtype, "model", self.settings.compile,
+                             self.settings.channels_last)
         if pipe.default_size != self.base.pipe.default_size:
             raise ValueError(f"--draft-model {model!r} renders {pipe.default_size} px, the model "
                              f"{self.base.pipe.default_size} px")

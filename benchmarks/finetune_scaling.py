@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from jobs.generate import configure_logging
+    from jobs.common import configure_logging
 
     configure_logging()
     cpus = os.cpu_count() or 1
@@ -149,7 +149,7 @@ def first_model_state(output: Path) -> list[dict]:
 def memory_main(args: argparse.Namespace) -> int:
     import ray
 
-    from jobs.generate import configure_logging
+    from jobs.common import configure_logging
 
     configure_logging()
     steps, batch, rows = args.steps or 2, args.batch_size or 4, args.rows or 64

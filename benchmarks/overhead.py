@@ -282,7 +282,7 @@ def bare_loop(model: str, graphs, batch_size: int, steps: int, guidance: float, 
     started = time.perf_counter()
     threads = set_threads(threads)  # what the generator actor does with its --threads-per-worker
     keep_freed_memory()  # and on the CPU
-    pipe = load_pipeline(model, torch.device("cpu"), torch.float32, channels_last=True)  # as the job
+    pipe = load_pipeline(model, torch.device("cpu"), torch.float32)
     loaded = time.perf_counter()
     ends, pipe_seconds, png_seconds, sizes = [], [], [], []
     for i in range(0, len(graphs), batch_size):

@@ -8,7 +8,7 @@ guidance_scale=3, seeds=..., output_type="np")``) on held-out shapes graphs, bat
 once per setting, settings interleaved round by round so background load hits them alike:
 
 - ``default``: fp32, eager, contiguous weights, the model's attention processor, inference mode;
-- ``channels_last``: the UNet in channels-last memory format (the job's default, ``--memory-format``);
+- ``channels_last``: the UNet in channels-last memory format (the job's ``--memory-format channels_last``);
 - ``compile``: ``torch.compile`` of the UNet (inductor; its compile time is reported, not timed);
 - ``bf16``: CPU autocast to bfloat16 (only where the CPU has native bf16 support);
 - ``no SDPA``: diffusers' classic attention processor instead of PyTorch's scaled_dot_product_attention;

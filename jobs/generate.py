@@ -101,9 +101,9 @@ class GenerateConfig:
     """Weights/activations dtype: auto = fp16 on GPU, fp32 on CPU."""
     compile: bool = False
     """torch.compile the UNet (GPU runs; the first batches pay the compile time)."""
-    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
-    """The UNet's weight layout: channels_last runs convolutions faster on CPU and GPU (see
-    docs/benchmarks.md, render speed); contiguous is PyTorch's default layout."""
+    memory_format: Literal["channels_last", "contiguous"] = "contiguous"
+    """The UNet's weight layout: channels_last runs convolutions faster (docs/benchmarks.md, render
+    speed) with images a few levels off fp32 eager's; contiguous is PyTorch's default layout."""
     layout: Literal["sample", "mean"] = "sample"
     """Layout-grounded models, graphs without boxes: draw each image's layout from the layout distribution
     with the image's seed (sample), or start from the mean layout (mean). Boxes a row carries always win."""

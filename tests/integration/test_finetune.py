@@ -185,7 +185,7 @@ def test_stable_diffusion_base_gets_a_graph_encoder_and_exports_a_latent_pipelin
 ):
     out = tmp_path / "ft"
     summary, code = run(config(str(train_table), str(tiny_sd_folder), str(out), steps=4, checkpoint_every=4,
-                               log_every=2, conditioning="gated", trainable="conditioning", lr=1e-3))
+                               log_every=2, conditioning="gated", layout_channels=0, trainable="conditioning", lr=1e-3))
     assert code == 0, summary["error"]
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["base_kind"] == "stable_diffusion" and run_json["image_size"] == 16  # 8 latents x VAE factor 2

@@ -123,7 +123,8 @@ def test_committed_draft_model_is_distilled_from_the_demo_model_at_the_job_defau
     path = resolve("models/shapes-sg-diffusion-draft")
     draft = read_draft_config(path)
     assert draft == {"teacher": DEMO_MODEL, "teacher_steps": GenerateConfig.steps,
-                     "guidance": GenerateConfig.guidance, "draft_steps": 2}
+                     "guidance": GenerateConfig.guidance, "draft_steps": 2,
+                     "teacher_fingerprint": model_fingerprint(resolve(DEMO_MODEL))}
     student, config = load_draft_model(path)
     assert config == draft
     demo = SceneGraphDiffusionPipeline.from_pretrained(resolve(DEMO_MODEL))

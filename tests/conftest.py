@@ -48,9 +48,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """moto's standalone S3 server on 127.0.0.1 (one per session); yields its endpoint URL.
+    """moto's standalone S3 server on 127.0.0.1 (one per test run); yields its endpoint URL.
 
-    Sets fake AWS credentials in the environment for the session (Ray workers started later
+    Sets fake AWS credentials in the environment for the whole test run (Ray workers started later
     inherit them) and removes any endpoint override the developer's shell may carry.
     """
     from moto.server import ThreadedMotoServer
@@ -104,7 +104,7 @@ _bucket_numbers = itertools.count(1)
 
 @pytest.fixture
 def s3_bucket(s3_settings: StorageSettings) -> S3Bucket:
-    """A new empty bucket ``sgb-test-<n>`` (a valid S3 name) on the session's moto server."""
+    """A new empty bucket ``sgb-test-<n>`` (a valid S3 name) on the test run's moto server."""
     name = f"sgb-test-{next(_bucket_numbers)}"
     s3_settings.boto3_client().create_bucket(Bucket=name)
     return S3Bucket(name=name, settings=s3_settings)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
 
@@ -50,3 +53,24 @@ def tiny_gated_pipe():
     pipe = build_pipeline("debug", VOCAB, conditioning="gated", seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-rank gloo group, as each Ray Train worker has (DeepSpeed needs one). One for the whole test
+    run: DeepSpeed caches the group, so a group destroyed and made again breaks later engines."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+            env.setenv(key, value)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import socket
 from collections import OrderedDict
 from pathlib import Path
 
@@ -98,23 +96,6 @@ def test_resume_reads_only_the_runs_own_checkpoint_storage(tmp_path):
 
 
 # ----------------------------------------------------------------------------- with DeepSpeed
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group, as each Ray Train worker has (DeepSpeed needs one)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-            env.setenv(key, value)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        yield
-        dist.destroy_process_group()
 
 
 class Tiny(torch.nn.Module):

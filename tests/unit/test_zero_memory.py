@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 
@@ -35,26 +32,6 @@ def test_stage_0_offload_is_refused():
     with pytest.raises(ValueError, match="needs ZeRO stage 1, 2 or 3"):
         build_deepspeed_config(zero_stage=0, offload="cpu")
     assert build_deepspeed_config(zero_stage=0)["zero_optimization"]["stage"] == 0
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group, as each Ray Train worker has (DeepSpeed needs one)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-            env.setenv(key, value)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        yield
-        dist.destroy_process_group()
 
 
 class Small(torch.nn.Module):

@@ -112,7 +112,9 @@ class StorageSettings:
         import boto3
         from botocore.config import Config
 
-        return boto3.client(
+        # A session of its own: boto3's default session keeps the first credentials it resolved for the
+        # life of the process, so a later change of environment (or profile) would go unseen.
+        return boto3.session.Session().client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=self.resolved_region,

@@ -100,6 +100,10 @@ class FinetuneConfig(TrainConfig):
     """Micro-batches per optimizer step (global batch = batch size x accumulation x workers)."""
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
+    new_layers_lr: float | None = None
+    """Peak learning rate of the layers gated conditioning adds (GLIGEN fusers and box embedding, the
+    input conv's canvas channels, grounding and layout-head MLPs); default --lr. With it the input
+    conv's latent channels stay fixed."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     warmup_steps: int = 0
@@ -178,6 +182,7 @@ class FinetuneConfig(TrainConfig):
                 "must be > 0")
         require(self.image_size is None or self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.new_layers_lr is None or self.new_layers_lr > 0, "new_layers_lr", self.new_layers_lr, "must be > 0")
         for name in ("weight_decay", "grad_clip"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
@@ -381,6 +386,11 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     base_kind, model_size = inspect_base(storage, cfg.base)
     require(not (base_kind == "stable_diffusion" and cfg.conditioning == "caption"), "conditioning", cfg.conditioning,
             "a Stable Diffusion base is text-conditioned already; caption mode converts scene-graph bases")
+    if cfg.new_layers_lr is not None and cfg.conditioning != "gated":
+        unet = read_model_config(storage, cfg.base, "unet/config.json") or {}
+        require(cfg.conditioning == "auto" and unet.get("attention_type") == "gated", "new_layers_lr",
+                cfg.new_layers_lr, "trains the layers gated conditioning adds: give --conditioning gated "
+                "(or a gated --base)")
     if base_kind == "scene_graph" and cfg.image_encoder and cfg.lambda_recon < 1.0:
         logger.info("alignment losses on a scene-graph base need its graph encoder to have a projection")
     if base_kind == "scene_graph" and cfg.graph_sizes():
@@ -412,6 +422,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
         threads=cfg.threads_per_worker, seed=cfg.seed, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         val_every=cfg.val_every or cfg.checkpoint_every, val_batches=cfg.val_batches, shuffle_buffer=cfg.shuffle_buffer,
         output=cfg.output, storage=storage.settings, has_val=bool(cfg.val), ema_decay=cfg.ema_decay,
+        new_layers_lr=cfg.new_layers_lr,
         checkpoint_root=join(storage_path(storage, cfg.checkpoint_uri)[0], RUN_NAME), graph_sizes=cfg.graph_sizes(),
     )
     base_fp = fingerprint(storage, cfg.base) if (is_s3(cfg.base) or os.path.isdir(cfg.base)) else f"hub:{cfg.base}"

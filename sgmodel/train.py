@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -278,6 +279,52 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+# Layers the gated mode adds to a model: GLIGEN's fusers and box embedding, the input conv's canvas
+# channels, the conditioner's grounding, canvas-feature and layout-head MLPs.
+_NEW_LAYER_PARTS = (".fuser.", "position_net.", "conv_in.", "conditioner.grounding.", "conditioner.layout_features.",
+                    "conditioner.layout_head.")
+
+
+def is_new_layer(name: str) -> bool:
+    return any(part in f".{name}" for part in _NEW_LAYER_PARTS)
+
+
+def parameter_groups(module: nn.Module, lr: float, new_layers_lr: float | None = None) -> list[dict]:
+    """AdamW parameter groups: all trainable weights at ``lr``, or, with ``new_layers_lr``, the gated
+    layers (see ``_NEW_LAYER_PARTS``) at that rate.
+
+    Zero-initialised gates and canvas channels start far from any useful value and would need many
+    steps at a rate the pretrained weights tolerate; a rate of their own lets them catch up while the
+    rest of the model keeps what it knew. The input conv's latent channels stay fixed then (their
+    gradient is zeroed, and the group has no weight decay, which would shrink them), so its higher rate
+    moves only the canvas channels it was given.
+    """
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if new_layers_lr is None:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    new = [(name, p) for name, p in named if is_new_layer(name)]
+    if not new:
+        raise ValueError("--new-layers-lr: the model has no gated layers to train at their own rate")
+    for name, p in new:
+        if name.endswith("conv_in.weight"):
+            latent = p.shape[1] - _canvas_channels(module)
+            p.register_hook(partial(_zero_latent_channels, latent=latent))
+    new_ids = {id(p) for _, p in new}
+    return [{"params": [p for _, p in named if id(p) not in new_ids], "lr": lr},
+            {"params": [p for _, p in new], "lr": new_layers_lr, "weight_decay": 0.0}]
+
+
+def _canvas_channels(module: nn.Module) -> int:
+    unet = next(m for m in module.modules() if hasattr(m, "config") and hasattr(m.config, "in_channels"))
+    return unet.config.in_channels - unet.config.out_channels
+
+
+def _zero_latent_channels(grad: torch.Tensor, latent: int) -> torch.Tensor:
+    grad = grad.clone()
+    grad[:, :latent] = 0
+    return grad
+
+
 @dataclass
 class StepLog:
     step: int
@@ -324,7 +371,7 @@ def fit(
     for step in range(start_step, steps):
         graphs, images = next(batches)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = group.setdefault("peak_lr", group["lr"]) * lr_at(step) / lr
         losses = module(graphs, images, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()

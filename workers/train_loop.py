@@ -73,6 +73,7 @@ class WorkerSettings:
     storage: StorageSettings
     has_val: bool
     ema_decay: float | None = None
+    new_layers_lr: float | None = None
     checkpoint_root: str = ""
     """Where this run's checkpoints live, as Ray Train names them (resume reads nothing from elsewhere)."""
     graph_sizes: dict = field(default_factory=dict)
@@ -158,7 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from sgmodel.deepspeed_config import compute_dtype
-    from sgmodel.train import DiffusionTrainingModule, trainable_parameters
+    from sgmodel.train import DiffusionTrainingModule, parameter_groups
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sgbatch %(levelname)s %(message)s")
     ctx = ray.train.get_context()
@@ -180,7 +181,8 @@ def train_loop_per_worker(config: dict) -> None:
     module = DiffusionTrainingModule(pipe, settings.train, image_encoder=load_image_encoder(settings, storage))
     place_frozen(module, device, dtype)
     model = prepare_for_deepspeed(module, settings.zero_stage).to(device)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.new_layers_lr),
+                                  weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup_steps=settings.warmup_steps, total_steps=settings.steps)
     )

@@ -216,6 +216,7 @@ def test_inspect_base_tells_scene_graph_from_stable_diffusion_folders(tmp_path):
         ({"steps": 5, "output": "s3://bucket"}, "--output = 's3://bucket': is a bucket or filesystem root"),
         ({"steps": 5, "graph_dim": 0}, "--graph-dim = 0: must be >= 1"),
         ({"steps": 5, "graph_layers": 0}, "--graph-layers = 0: must be >= 1"),
+        ({"steps": 5, "new_layers_lr": 0.0}, "--new-layers-lr = 0.0: must be > 0"),
     ],
 )
 def test_config_rejects_bad_flags_naming_flag_and_value(kwargs, message):

@@ -20,7 +20,7 @@ from sgmodel.layout import (
 from sgmodel.pipeline import convert_conditioning
 from sgmodel.shapes.diffusion import shapes_batches
 from sgmodel.shapes.flavours import build_pipeline
-from sgmodel.train import DiffusionTrainingModule, TrainConfig, fit
+from sgmodel.train import DiffusionTrainingModule, TrainConfig, fit, parameter_groups
 
 from .conftest import VOCAB
 
@@ -139,6 +139,29 @@ def test_gated_images_follow_their_seed_and_train_the_layout_head():
     given = pipe.conditioner.draw_layouts(pipe.encode(graphs[:1]), graphs[:1], [0], [3])
     n = len(graphs[0].objects)
     torch.testing.assert_close(given.grounding["boxes"][0, :n], torch.tensor([o.box for o in graphs[0].objects]))
+
+
+def test_new_gated_layers_train_at_their_own_rate_and_leave_the_latent_input_fixed():
+    torch.manual_seed(0)
+    pipe = build_pipeline("debug", VOCAB)
+    convert_conditioning(pipe, "gated", layout_channels=4)
+    module = DiffusionTrainingModule(pipe, TrainConfig(trainable="all", cond_dropout=0.0))
+    base, new = parameter_groups(module, 1e-5, new_layers_lr=1e-2)
+    new_ids = {id(p) for p in new["params"]}
+    assert new["lr"] == 1e-2 and base["lr"] == 1e-5
+    assert id(pipe.unet.conv_in.weight) in new_ids and id(pipe.conditioner.layout_head.net[0].weight) in new_ids
+    assert any(id(p) in new_ids for n, p in pipe.unet.named_parameters() if ".fuser." in n)
+    assert id(pipe.unet.conv_out.weight) not in new_ids and all(id(p) not in new_ids for p in pipe.graph_encoder.parameters())
+    conv_in = pipe.unet.conv_in.weight.detach().clone()
+    optimizer = torch.optim.AdamW([base, new])
+    graphs, images = next(shapes_batches(5, 8, 16))
+    module(graphs, images, generator=torch.Generator().manual_seed(0)).total.backward()
+    optimizer.step()
+    after = pipe.unet.conv_in.weight.detach()
+    torch.testing.assert_close(after[:, :3], conv_in[:, :3], rtol=0, atol=0)  # latent channels: unchanged
+    assert (after[:, 3:] - conv_in[:, 3:]).abs().max() > 1e-3  # canvas channels moved at the new layers' rate
+    with pytest.raises(ValueError, match="no gated layers"):
+        parameter_groups(DiffusionTrainingModule(build_pipeline("debug", VOCAB), TrainConfig()), 1e-5, 1e-2)
 
 
 def test_caption_mode_shows_the_unet_the_caption_alone(graphs):

@@ -13,9 +13,9 @@ is hit mid-run:
   restarts the actor and Ray Data retries its batch.
 * ``driver-kill``: the job runs in a driver process of its own (``python -m jobs.generate`` joined to
   this Ray), SIGKILLed; then ``--resume`` in this process takes over its lease and finishes the run.
-* ``node-loss``: a two-node Ray built with ``ray.cluster_utils.Cluster`` (head: 1 CPU; worker: 2 CPUs
+* ``node-loss``: a two-node Ray built with ``ray.cluster_utils.Cluster`` (head: 1 CPU; worker: 3 CPUs
   and the only place the generator actor, reserving 1.5 CPUs, fits). The worker node is removed
-  (its processes killed) and a fresh 2-CPU node joins 10 s later, as an autoscaler would replace it.
+  (its processes killed) and a fresh 3-CPU node joins 10 s later, as an autoscaler would replace it.
 * ``s3-baseline``: input and output on S3 (moto's server on 127.0.0.1), no faults.
 * ``s3-faults``: the same through a fault proxy on 127.0.0.1 (``tests/faultproxy.py``): 20% of
   requests answered 503 SlowDown, 2% connections reset (half before, half after the request was
@@ -309,8 +309,12 @@ def scenario_node_loss(bench: Bench, rows_in: int) -> tuple[Outcome, dict]:
     from workers.storage import Storage
 
     node = {"node_ip_address": LOOPBACK, "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 1})
-    worker = cluster.add_node(**node, num_cpus=2)
+    # shutdown_at_exit=False: the replacement node is added from the fault thread, where Ray may not
+    # install its SIGTERM hook; the finally below shuts every node down instead.
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 1}, shutdown_at_exit=False)
+    # 3 logical CPUs: the generator (1.5) and the job's 1-CPU read tasks both fit beside each other;
+    # with 2, a read task fits on neither node and the run stalls.
+    worker = cluster.add_node(**node, num_cpus=3)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         outcome, storage = Outcome("node-loss"), Storage()
@@ -319,7 +323,7 @@ def scenario_node_loss(bench: Bench, rows_in: int) -> tuple[Outcome, dict]:
         def lose_node() -> str:
             cluster.remove_node(worker)
             time.sleep(10)
-            cluster.add_node(**node, num_cpus=2)
+            cluster.add_node(**node, num_cpus=3)
             return "removed the worker node holding the generator, a new node joined 10 s later"
 
         strike_after_first_commit(storage, f"{cfg.output}/{cfg.run_id}", lose_node, outcome, bench.args.timeout)

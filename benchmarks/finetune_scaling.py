@@ -49,6 +49,17 @@ def make_table(folder: Path, rows: int, seed: int, rows_per_shard: int | None = 
         raise SystemExit(f"prepare shapes failed with exit code {code}")
 
 
+def scratch_inputs(args: argparse.Namespace, scratch: Path, rows: int, seed: int,
+                   rows_per_shard: int | None = 128) -> tuple[str, str, str]:
+    """The base model (and its label) and the training table: --base/--train, else made in ``scratch``."""
+    base, base_label = base_model(args.base, scratch)
+    train = args.train
+    if train is None:
+        train = str(scratch / "train")
+        make_table(Path(train), rows, seed=seed, rows_per_shard=rows_per_shard)
+    return base, base_label, train
+
+
 def base_model(path: str | None, scratch: Path) -> tuple[str, str]:
     candidate = resolve(path or DEMO_MODEL)
     if (Path(candidate) / "model_index.json").is_file():
@@ -92,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        base, base_label = base_model(args.base, scratch)
-        train = args.train
-        if train is None:
-            train = str(scratch / "train")
-            make_table(Path(train), args.rows, seed=1234)
+        base, base_label, train = scratch_inputs(args, scratch, args.rows, seed=1234)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         results = {}
         try:
@@ -160,11 +167,7 @@ def memory_main(args: argparse.Namespace) -> int:
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        base, base_label = base_model(args.base, scratch)
-        train = args.train
-        if train is None:
-            train = str(scratch / "train")
-            make_table(Path(train), rows, seed=1, rows_per_shard=None)
+        base, base_label, train = scratch_inputs(args, scratch, rows, seed=1, rows_per_shard=None)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         try:
             for label, stage, overrides in runs:

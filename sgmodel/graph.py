@@ -94,7 +94,7 @@ class SceneGraphError(ValueError):
         return str(self)
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     """Arrow strings are UTF-8; JSON escapes like "\\ud800" decode to lone surrogates that are not."""
     try:
         text.encode("utf-8")
@@ -117,7 +117,7 @@ def _short(value: Any, limit: int = 120) -> str:
 def _check_text(row_id: Any, name: str, value: Any, limits: ValidationLimits) -> str:
     if not isinstance(value, str):
         raise SceneGraphError(row_id, name, value, "must be a string", "bad_type")
-    if not _is_utf8(value):
+    if not is_utf8(value):
         raise SceneGraphError(row_id, name, value, "is not valid Unicode (lone surrogate)", "bad_text")
     if not value.strip():
         raise SceneGraphError(row_id, name, value, "must not be empty", "empty_text")
@@ -182,7 +182,7 @@ def _check_id(value: Any, limits: ValidationLimits) -> str:
     text = id_key(value)
     if text is None:
         raise SceneGraphError(value, "id", value, "must be a string or an integer", "bad_id")
-    if not _is_utf8(text):
+    if not is_utf8(text):
         raise SceneGraphError(value, "id", value, "is not valid Unicode (lone surrogate)", "bad_id")
     if not text.strip():
         raise SceneGraphError(value, "id", value, "must not be empty", "bad_id")
@@ -252,7 +252,7 @@ def parse_graph(row: Mapping[str, Any], limits: ValidationLimits = DEFAULT_LIMIT
     caption = row.get("caption")
     if caption is not None and not isinstance(caption, str):
         raise SceneGraphError(row_id, "caption", caption, "must be a string or null", "bad_type")
-    if caption is not None and not _is_utf8(caption):
+    if caption is not None and not is_utf8(caption):
         raise SceneGraphError(row_id, "caption", caption, "is not valid Unicode (lone surrogate)", "bad_text")
     image = row.get("image")
     if image is not None and not isinstance(image, (bytes, bytearray, memoryview)):

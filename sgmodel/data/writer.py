@@ -18,7 +18,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sgmodel.graph import ERROR_SCHEMA, DuplicateIdChecker, SceneGraph, SceneGraphError, graphs_to_table
+from sgmodel.graph import (
+    ERROR_SCHEMA,
+    DuplicateIdChecker,
+    SceneGraph,
+    SceneGraphError,
+    graphs_to_table,
+    is_utf8,
+)
 
 ERRORS_FILE = "_errors.parquet"  # leading "_": readers of the folder (generate, Spark, Arrow) skip it
 SHARD_PATTERN = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -136,7 +143,7 @@ class GraphShardWriter:
             ok = isinstance(value, _PY_TYPES.get(arrow_type, (object,)))
             if isinstance(value, bool) and arrow_type != pa.bool_():
                 ok = False
-            if isinstance(value, str) and not _is_utf8(value):
+            if isinstance(value, str) and not is_utf8(value):
                 ok = False
             if not ok:
                 raise SceneGraphError(row_id, name, _short_value(value), f"must be {arrow_type} or null", "bad_extra")
@@ -197,14 +204,6 @@ class GraphShardWriter:
 
 def _parent(uri: str) -> str:
     return uri.rsplit("/", 1)[0]
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _arrow_value(value: Any) -> Any:

@@ -106,7 +106,7 @@ def write_inputs(folder: Path, rows: int, per_shard: int, seed: int) -> list[Pat
 
 
 def count(storage, run_uri: str, rows_in: int, outcome: Outcome) -> dict[str, bytes]:
-    """Fill the row counts of ``outcome`` from the run's files; return its PNGs by key."""
+    """Fill the row counts of ``outcome`` from the run's files; return its PNGs by (id, sample)."""
     from jobs.summary import read_table
     from workers.schema import ERRORS_SCHEMA, METADATA_SCHEMA
 
@@ -119,8 +119,10 @@ def count(storage, run_uri: str, rows_in: int, outcome: Outcome) -> dict[str, by
     outcome.errors = len(error_ids)
     outcome.lost = rows_in - outcome.rows_out - outcome.errors
     outcome.duplicated = (len(pairs) - len(set(pairs))) + (len(error_ids) - len(set(error_ids)))
+    # Keyed by row, not by file name: shard folder names derive from the input's URI, which differs
+    # between the local and the S3 scenarios.
     keys = meta.column("image_key").to_pylist()
-    return {key: storage.read_bytes(f"{run_uri}/{key}") for key in keys}
+    return {f"{i}/{s}": storage.read_bytes(f"{run_uri}/{key}") for (i, s), key in zip(pairs, keys)}
 
 
 # ----------------------------------------------------------------------------- fault triggers
@@ -410,7 +412,7 @@ def main() -> int:
     rows = []
     for name in chosen:
         outcome, pngs = results[name]
-        if base is not None:  # image keys are relative to the run folder: the same in every scenario
+        if base is not None:
             theirs = base[1]
             outcome.png_diff = sum(1 for k, v in theirs.items() if pngs.get(k) != v) + len(set(pngs) - set(theirs))
         ref = results.get("s3-baseline" if name == "s3-faults" else "baseline")

@@ -21,6 +21,9 @@ from sgmodel.graph import ValidationLimits
 from workers.storage import Storage
 
 READ_CPUS, SINK_CPUS, SCORER_CPUS = 0.1, 0.1, 0.25
+SINK_MEMORY = 384 * 2**20
+"""Memory the sink actor declares: its process (pyarrow, PIL, boto3) holds about 250 MiB, and Ray Data
+warns every 30 s about an actor that uses memory it never asked for."""
 
 
 @dataclass(frozen=True)
@@ -118,4 +121,5 @@ def sink_stage(ds, cfg, run_uri: str, model_fp: str, storage: Storage):
 
     sink = SinkSettings(run_uri=run_uri, output_format=cfg.output_format, model_fingerprint=model_fp)
     return ds.map_batches(Sink, fn_constructor_args=(sink, storage.settings), batch_format="pyarrow",
-                          batch_size=cfg.sink_rows, compute=actor_pool(size=1), num_cpus=SINK_CPUS)
+                          batch_size=cfg.sink_rows, compute=actor_pool(size=1), num_cpus=SINK_CPUS,
+                          memory=SINK_MEMORY)

@@ -26,7 +26,7 @@ SPEED_TARGET, RECALL_GAP = 3.5, 0.02
 
 def run_job(name: str, flags: list[str], inputs: Path, output: Path, log: Path) -> dict:
     command = [sys.executable, "-m", "jobs.sbpc", "--input", str(inputs), "--output", str(output), "--run-id", name,
-               "--report", "false", *flags]
+               "--no-report", *flags]
     began = time.perf_counter()
     with log.open("w") as fh:
         subprocess.run(command, cwd=ROOT, check=True, stdout=fh, stderr=subprocess.STDOUT)

@@ -45,6 +45,13 @@ from workers.schema import CANDIDATES_SCHEMA, SBPC_METADATA_SCHEMA
 logger = logging.getLogger("sgbatch")
 
 
+def _same(key: str, value, fast_value) -> bool:
+    """Whether a flag's value is the one sbpc_fast.json gives (paths compared resolved)."""
+    if key == "draft_model" and value is not None and fast_value is not None:
+        return Path(resolve(value)).resolve() == Path(fast_value).resolve()
+    return value == fast_value
+
+
 @dataclass(kw_only=True)
 class SBPCJobConfig(GenerateConfig):
     """Best-of-N sampling: N candidates per graph scored by segmentation recall, the best kept."""
@@ -120,16 +127,19 @@ class SBPCJobConfig(GenerateConfig):
     def _apply_fast_settings(self) -> None:
         """--fast: take the draft and finals settings from the model's sbpc_fast.json; no flag may contradict them."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        chosen = [f"--{k.replace('_', '-')}" for k in ("draft_model", "draft_steps", "draft_size", "final_candidates",
-                                                        "final_strength", "target_recall", "round_size")
-                  if getattr(self, k) != defaults[k]]
-        require(not chosen, "fast", True, f"chooses the draft settings itself; drop {', '.join(chosen)}")
         model = resolve(self.model)
         require(Path(model).is_dir(), "fast", True, f"needs a local model folder; --model = {self.model!r} is not one")
         try:
             settings = read_fast_settings(model)
         except (ValueError, OSError) as err:
             raise ConfigError(f"--fast: {err}") from None
+        # A value equal to the file's is not a contradiction: a config copied with dataclasses.replace
+        # (resolved paths) validates again with the settings already taken.
+        chosen = [f"--{k.replace('_', '-')}" for k in ("draft_model", "draft_steps", "draft_size", "final_candidates",
+                                                        "final_strength", "target_recall", "round_size")
+                  if getattr(self, k) != defaults[k] and (settings is None or not _same(k, getattr(self, k),
+                                                                                        settings.get(k)))]
+        require(not chosen, "fast", True, f"chooses the draft settings itself; drop {', '.join(chosen)}")
         require(settings is not None, "fast", True,
                 f"model {self.model!r} has no {FAST_FILE} (no draft model measured for it): "
                 "distil one with python -m jobs.distill_draft and run benchmarks/sbpc.py, or use --candidates alone")

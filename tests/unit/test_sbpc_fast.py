@@ -26,6 +26,14 @@ def test_fast_takes_the_committed_models_settings():
     assert cfg.sbpc_args()["final_strength"] == expected["final_strength"]
 
 
+def test_fast_survives_the_jobs_resolved_copy():
+    """The job validates a resolved copy of its config: the settings --fast took are not flags against it."""
+    for cfg in (SBPCJobConfig(fast=True), SBPCJobConfig(model=str(MODEL), fast=True)):
+        resolved = cfg.resolved()
+        assert Path(resolved.draft_model) == DRAFT.resolve()
+        assert resolved.sbpc_args() == cfg.sbpc_args()
+
+
 def test_fast_refuses_flags_it_chooses_and_another_candidate_count():
     with pytest.raises(ConfigError, match="drop --draft-steps, --final-candidates"):
         SBPCJobConfig(model=str(MODEL), fast=True, draft_steps=3, final_candidates=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -164,3 +165,17 @@ def test_draft_model_draws_the_candidates_without_guidance(
     with pytest.raises(ConfigError, match="--draft-size = 8: cannot be combined with --draft-model"):
         config(tiny_model_dir, segmenter_dir, inputs, tmp_path, "x", candidates=3, draft_model=str(student_dir),
                draft_steps=2, draft_size=8)
+
+
+def test_fast_runs_the_committed_models_draft_settings(local_ray, inputs, tmp_path):
+    """`sbpc --fast` through the job: the committed demo model's draft model drafts every candidate and
+    the finals follow its sbpc_fast.json."""
+    root = Path(__file__).resolve().parents[2]
+    fast = json.loads((root / "models/shapes-sg-diffusion/sbpc_fast.json").read_text())
+    summary, code = run(config(str(root / "models/shapes-sg-diffusion"), str(root / "models/shapes-segmenter"),
+                               inputs, tmp_path, "fast", fast=True, keep_candidates=True))
+    assert code == 0 and summary["images"] == 5 and summary["rows_lost"] == 0
+    cands, meta = read(tmp_path / "fast", "candidates"), read(tmp_path / "fast", "metadata")
+    assert len(cands) == 5 * fast["candidates"]
+    assert all(c["stage"] == "draft" and c["steps"] == 2 for c in cands)  # the draft model's own step count
+    assert all(1 <= row["finals_rendered"] <= fast["final_candidates"] for row in meta)

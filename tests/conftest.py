@@ -137,7 +137,7 @@ def segmenter_dir() -> str:
 
 @pytest.fixture(scope="session")
 def local_ray() -> Iterator[None]:
-    """One local Ray instance (2 CPUs) for the session; workers get the fake AWS credentials."""
+    """One local Ray instance (2 CPUs) for the whole test run; workers get the fake AWS credentials."""
     import ray
 
     if not ray.is_initialized():

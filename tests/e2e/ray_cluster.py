@@ -13,8 +13,8 @@ fixture, a developer's ``ray start``):
   same on a machine with or without that file, and the CLI calls prove the token reaches them;
 - teardown does **not** run ``ray stop``: that command kills every Ray process of the machine it can
   signal (it matches process names, not clusters), including other people's runs. ``ray start`` is
-  launched in its own session instead, and teardown signals exactly the processes of that session
-  plus their descendants (the job driver runs in a session of its own, under the job supervisor).
+  launched under a new process SID (``setsid``) instead, and teardown signals exactly the processes
+  with that SID plus their descendants (the job driver gets an SID of its own, under the job supervisor).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @dataclass
 class LocalRayCluster:
-    """``ray start --head`` on 127.0.0.1 in its own session; ``stop()`` ends only those processes."""
+    """``ray start --head`` on 127.0.0.1 under an SID of its own; ``stop()`` ends only those processes."""
 
     num_cpus: int = 2
     object_store_bytes: int = 300 * 1024**2
@@ -92,7 +92,7 @@ class LocalRayCluster:
     auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
     temp_dir: Path = field(init=False)
     ports: dict[str, int] = field(init=False)
-    session_id: int | None = field(init=False, default=None)
+    sid: int | None = field(init=False, default=None)
     start_output: str = field(init=False, default="")
 
     def auth_env(self) -> dict[str, str]:
@@ -116,11 +116,11 @@ class LocalRayCluster:
                "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats", "--log-style=record"]
         for flag, port in self.ports.items():
             cmd.append(f"{flag}={port}")
-        # start_new_session: every daemon `ray start` spawns inherits this session id (Ray gives
-        # workers their own process group, not their own session), which is how stop() finds them.
+        # setsid: every daemon `ray start` spawns inherits this SID (Ray gives
+        # workers their own process group, not their own SID), which is how stop() finds them.
         proc = subprocess.Popen(cmd, env=cluster_env(self.auth_env()), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.session_id = proc.pid
+        self.sid = proc.pid
         try:
             self.start_output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -155,13 +155,13 @@ class LocalRayCluster:
         raise RuntimeError(f"the dashboard at {self.dashboard_url} did not answer: {last}\n{self.start_output}")
 
     def processes(self) -> list[psutil.Process]:
-        """This cluster's processes: members of the `ray start` session and all their descendants."""
-        if self.session_id is None:
+        """This cluster's processes: processes with the `ray start` SID and all their descendants."""
+        if self.sid is None:
             return []
         found: dict[int, psutil.Process] = {}
         for p in psutil.process_iter():
             try:
-                if os.getsid(p.pid) == self.session_id:
+                if os.getsid(p.pid) == self.sid:
                     found[p.pid] = p
             except (ProcessLookupError, PermissionError, psutil.Error):
                 continue
@@ -169,7 +169,7 @@ class LocalRayCluster:
             with contextlib.suppress(psutil.Error):
                 for child in p.children(recursive=True):
                     found.setdefault(child.pid, child)
-        found.pop(os.getpid(), None)  # never ourselves (cannot happen: we are not in that session)
+        found.pop(os.getpid(), None)  # never ourselves (cannot happen: our SID differs)
         return list(found.values())
 
     def stop(self, grace: float = 10.0) -> list[int]:
@@ -185,7 +185,7 @@ class LocalRayCluster:
         psutil.wait_procs(alive, timeout=5)
         if getattr(self, "temp_dir", None) is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.session_id = None
+        self.sid = None
         return [p.pid for p in procs]
 
     # ------------------------------------------------------------------------- the jobs CLI

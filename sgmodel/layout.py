@@ -6,7 +6,9 @@ are: many layouts fit. The layout head therefore predicts, per object, a mean bo
 An image's layout is drawn from it with the image's own seed, so the same (graph, seed) always gets
 the same layout and different seeds get different ones (what SBPC chooses between). A drawn layout
 must agree with the graph: draws whose boxes break a spatial relation of the graph, or overlap
-other boxes more than allowed, are redrawn (a bounded number of times, keeping the best).
+other boxes more than allowed, are redrawn (a bounded number of times, keeping the best). Centres
+are drawn from the Gaussian truncated to where the whole box fits in the image: a clamped draw
+would cut the box at the border, a shape no training image has.
 
 The canvas paints each object's layout features into its box: GLIGEN's route for spatially
 aligned conditions, concatenated to the UNet's input channels (as inpainting models take their
@@ -105,6 +107,15 @@ def layout_violations(boxes: torch.Tensor, graph: SceneGraph, max_overlap: float
     return bad
 
 
+def _inside_normal(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Draws of N(mean, std) truncated to [low, high] (inverse CDF, one uniform per value)."""
+    a = torch.special.ndtr((low - mean) / std)
+    b = torch.special.ndtr((high - mean) / std)
+    u = a + (b - a) * torch.rand(mean.shape, generator=generator)
+    return (mean + std * torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6))).clamp(low, high)
+
+
 def sample_layout(params: torch.Tensor, given: torch.Tensor, given_boxes: torch.Tensor, graph: SceneGraph,
                   seed: int, *, mode: str = "sample", tries: int = 32, max_overlap: float = 0.2) -> torch.Tensor:
     """One image's layout, xyxy [N, 4], deterministic in ``seed``.
@@ -126,11 +137,13 @@ def sample_layout(params: torch.Tensor, given: torch.Tensor, given_boxes: torch.
     best, best_bad = None, None
     for attempt in range(max(1, tries)):
         if mode == "mean" and attempt == 0:
-            draw = mean
+            w, h = mean[:, 2].clamp(MIN_SIDE, 1.0), mean[:, 3].clamp(MIN_SIDE, 1.0)
+            cx, cy = mean[:, 0].clamp(w / 2, 1 - w / 2), mean[:, 1].clamp(h / 2, 1 - h / 2)
         else:
-            draw = mean + std * torch.randn(mean.shape, generator=generator)
-        cx, cy = draw[:, 0].clamp(0.0, 1.0), draw[:, 1].clamp(0.0, 1.0)
-        w, h = draw[:, 2].clamp(MIN_SIDE, 1.0), draw[:, 3].clamp(MIN_SIDE, 1.0)
+            sides = mean[:, 2:] + std[:, 2:] * torch.randn(mean[:, 2:].shape, generator=generator)
+            w, h = sides.clamp(MIN_SIDE, 1.0).unbind(-1)
+            cx = _inside_normal(mean[:, 0], std[:, 0], w / 2, 1 - w / 2, generator)
+            cy = _inside_normal(mean[:, 1], std[:, 1], h / 2, 1 - h / 2, generator)
         boxes = cxcywh_to_xyxy(torch.stack([cx, cy, w, h], -1))
         boxes = torch.where(given.unsqueeze(-1), given_boxes, boxes)
         bad = layout_violations(boxes, graph, max_overlap)

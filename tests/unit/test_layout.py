@@ -76,6 +76,20 @@ def test_the_mean_mode_starts_from_the_mean_layout():
         sample_layout(params, torch.zeros(2, dtype=torch.bool), torch.zeros(2, 4), LEFT, 5, mode="median")
 
 
+def test_draws_keep_whole_boxes_inside_the_image():
+    # a wide centre spread near the border: clamping the centre would cut boxes at the edge
+    mean = torch.tensor([[0.9, 0.1, 0.4, 0.3]])
+    params = torch.cat([torch.logit(mean), torch.log(torch.tensor([[1.0, 1.0, 1e-3, 1e-3]]))], -1)
+    single = SceneGraph(id="one", objects=(SGObject("circle"),))
+    draws = torch.stack([sample_layout(params, torch.zeros(1, dtype=torch.bool), torch.zeros(1, 4), single, seed)[0]
+                         for seed in range(64)])
+    assert draws.min() >= 0.0 and draws.max() <= 1.0
+    torch.testing.assert_close(draws[:, 2] - draws[:, 0], torch.full((64,), 0.4), atol=0.01, rtol=0)
+    torch.testing.assert_close(draws[:, 3] - draws[:, 1], torch.full((64,), 0.3), atol=0.01, rtol=0)
+    centres = (draws[:, 0] + draws[:, 2]) / 2
+    assert centres.min() < 0.4 and centres.max() > 0.6  # still spread over the whole feasible range
+
+
 def test_overlapping_draws_are_redrawn():
     apart = SceneGraph(id="pair", objects=(SGObject("circle"), SGObject("square")))
     params = params_for([[0.5, 0.5, 0.4, 0.4], [0.5, 0.5, 0.4, 0.4]], 0.25)

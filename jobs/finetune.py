@@ -101,9 +101,9 @@ class FinetuneConfig(TrainConfig):
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
     new_layers_lr: float | None = None
-    """Peak learning rate of the layers gated conditioning adds (GLIGEN fusers and box embedding, the
-    input conv's canvas channels, grounding and layout-head MLPs); default --lr. With it the input
-    conv's latent channels stay fixed."""
+    """Peak learning rate of the layers a conversion adds (gated: GLIGEN fusers and box embedding, the
+    input conv's canvas channels, grounding and layout-head MLPs; caption: the caption projection);
+    default --lr. With it the input conv's latent channels stay fixed."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     warmup_steps: int = 0
@@ -386,10 +386,10 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     base_kind, model_size = inspect_base(storage, cfg.base)
     require(not (base_kind == "stable_diffusion" and cfg.conditioning == "caption"), "conditioning", cfg.conditioning,
             "a Stable Diffusion base is text-conditioned already; caption mode converts scene-graph bases")
-    if cfg.new_layers_lr is not None and cfg.conditioning != "gated":
+    if cfg.new_layers_lr is not None and cfg.conditioning not in ("gated", "caption"):
         unet = read_model_config(storage, cfg.base, "unet/config.json") or {}
         require(cfg.conditioning == "auto" and unet.get("attention_type") == "gated", "new_layers_lr",
-                cfg.new_layers_lr, "trains the layers gated conditioning adds: give --conditioning gated "
+                cfg.new_layers_lr, "trains the layers a conversion adds: give --conditioning gated or caption "
                 "(or a gated --base)")
     if base_kind == "scene_graph" and cfg.image_encoder and cfg.lambda_recon < 1.0:
         logger.info("alignment losses on a scene-graph base need its graph encoder to have a projection")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgmodel.conditioning import encode_graphs
+from sgmodel.conditioning import SceneGraphConditioner, encode_graphs
 from sgmodel.graph import SceneGraph
 from sgmodel.layout import layout_nll
 from sgmodel.losses import (
@@ -279,32 +279,43 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-# Layers the gated mode adds to a model: GLIGEN's fusers and box embedding, the input conv's canvas
-# channels, the conditioner's grounding, canvas-feature and layout-head MLPs.
-_NEW_LAYER_PARTS = (".fuser.", "position_net.", "conv_in.", "conditioner.grounding.", "conditioner.layout_features.",
-                    "conditioner.layout_head.")
+NEW_LAYER_PARTS = {
+    "gated": (".fuser.", "position_net.", "conv_in.", "conditioner.grounding.", "conditioner.layout_features.",
+              "conditioner.layout_head."),
+    "caption": ("conditioner.caption_tokens.",),
+}
+"""Per conditioning mode, the layers converting a tokens model to it adds (name fragments): gated,
+GLIGEN's fusers and box embedding, the input conv's canvas channels, the conditioner's grounding,
+canvas-feature and layout-head MLPs; caption, the caption projection."""
 
 
-def is_new_layer(name: str) -> bool:
-    return any(part in f".{name}" for part in _NEW_LAYER_PARTS)
+def conditioning_mode(module: nn.Module) -> str:
+    """The mode of the scene-graph conditioner inside ``module`` ("tokens" when it has none)."""
+    return next((m.config.mode for m in module.modules() if isinstance(m, SceneGraphConditioner)), "tokens")
+
+
+def is_new_layer(name: str, mode: str = "gated") -> bool:
+    return any(part in f".{name}" for part in NEW_LAYER_PARTS.get(mode, ()))
 
 
 def parameter_groups(module: nn.Module, lr: float, new_layers_lr: float | None = None) -> list[dict]:
-    """AdamW parameter groups: all trainable weights at ``lr``, or, with ``new_layers_lr``, the gated
-    layers (see ``_NEW_LAYER_PARTS``) at that rate.
+    """AdamW parameter groups: all trainable weights at ``lr``, or, with ``new_layers_lr``, the layers
+    the model's conditioning mode adds (see :data:`NEW_LAYER_PARTS`) at that rate.
 
-    Zero-initialised gates and canvas channels start far from any useful value and would need many
-    steps at a rate the pretrained weights tolerate; a rate of their own lets them catch up while the
-    rest of the model keeps what it knew. The input conv's latent channels stay fixed then (their
-    gradient is zeroed, and the group has no weight decay, which would shrink them), so its higher rate
-    moves only the canvas channels it was given.
+    Zero-initialised gates and canvas channels (gated), or a fresh caption projection (caption), start
+    far from any useful value and would need many steps at a rate the pretrained weights tolerate; a
+    rate of their own lets them catch up while the rest of the model keeps what it knew. The input
+    conv's latent channels stay fixed then (their gradient is zeroed, and the group has no weight
+    decay, which would shrink them), so its higher rate moves only the canvas channels it was given.
     """
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     if new_layers_lr is None:
         return [{"params": [p for _, p in named], "lr": lr}]
-    new = [(name, p) for name, p in named if is_new_layer(name)]
+    mode = conditioning_mode(module)
+    new = [(name, p) for name, p in named if is_new_layer(name, mode)]
     if not new:
-        raise ValueError("--new-layers-lr: the model has no gated layers to train at their own rate")
+        raise ValueError(f"--new-layers-lr: the model's {mode!r} conditioning has no gated layers or caption "
+                         "projection to train at their own rate")
     for name, p in new:
         if name.endswith("conv_in.weight"):
             latent = p.shape[1] - _canvas_channels(module)

@@ -174,8 +174,17 @@ def test_new_gated_layers_train_at_their_own_rate_and_leave_the_latent_input_fix
     after = pipe.unet.conv_in.weight.detach()
     torch.testing.assert_close(after[:, :3], conv_in[:, :3], rtol=0, atol=0)  # latent channels: unchanged
     assert (after[:, 3:] - conv_in[:, 3:]).abs().max() > 1e-3  # canvas channels moved at the new layers' rate
-    with pytest.raises(ValueError, match="no gated layers"):
+    with pytest.raises(ValueError, match="tokens.*no gated layers"):
         parameter_groups(DiffusionTrainingModule(build_pipeline("debug", VOCAB), TrainConfig()), 1e-5, 1e-2)
+
+
+def test_the_caption_projection_caption_mode_adds_trains_at_the_new_layers_rate():
+    torch.manual_seed(0)
+    pipe = build_pipeline("debug", VOCAB)
+    convert_conditioning(pipe, "caption")
+    module = DiffusionTrainingModule(pipe, TrainConfig(trainable="all", cond_dropout=0.0))
+    _, new = parameter_groups(module, 1e-5, new_layers_lr=1e-2)
+    assert {id(p) for p in new["params"]} == {id(p) for p in pipe.conditioner.caption_tokens.parameters()}
 
 
 def test_caption_mode_shows_the_unet_the_caption_alone(graphs):

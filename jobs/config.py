@@ -94,7 +94,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = docs.get(f.name, "")
-        if f.default is not dataclasses.MISSING:
+        if f.default is not dataclasses.MISSING and "(default" not in help_text:  # the doc may name it already
             help_text += f" (default: {default!r})"
         base, _ = _unwrap_optional(tp)
         if base is bool:

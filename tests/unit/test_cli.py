@@ -41,6 +41,16 @@ def test_help_names_the_command_as_typed(capsys, job):
     assert code == 0 and out.startswith(f"usage: sgbatch {job} ")
 
 
+@pytest.mark.parametrize("job", ["generate", "sbpc", "finetune"])
+def test_help_states_each_default_once(capsys, job):
+    code, out, _ = run_cli([job, "--help"], capsys)
+    flags = " ".join(out.split()).split(" --")  # help text re-wrapped, one piece per option
+    assert code == 0 and len(flags) > 20
+    assert [f for f in flags if f.count("(default") > 1] == []
+    if job != "finetune":  # a default the doc words itself is kept, not repeated as None
+        assert [f for f in flags if f.startswith("height ")][0].endswith("(default: the model's).")
+
+
 def test_prepare_help_names_the_command_as_typed(capsys):
     code, out, _ = run_cli(["prepare"], capsys)
     assert code == 2 and out.startswith("usage: sgbatch prepare {")

@@ -104,11 +104,9 @@ class GenerateConfig:
     memory_format: Literal["channels_last", "contiguous"] = "contiguous"
     """The UNet's weight layout: channels_last runs convolutions faster (docs/benchmarks.md, render
     speed) with images a few levels off fp32 eager's; contiguous is PyTorch's default layout."""
-    layout: Literal["auto", "sample", "mean"] = "auto"
+    layout: Literal["sample", "mean"] = "sample"
     """Layout-grounded models, graphs without boxes: draw each image's layout from the layout distribution
-    with the image's seed (sample), or start from the mean layout (mean); auto: mean for one image per
-    graph (the better of the two at N=1 in docs/benchmarks.md), sample for several. Boxes a row
-    carries always win."""
+    with the image's seed (sample), or start from the mean layout (mean). Boxes a row carries always win."""
     max_objects: int = 64
     """Reject graphs with more objects."""
     max_relations: int = 256

@@ -73,13 +73,6 @@ def read_validated(cfg, pending: list[InputShard], storage: Storage, dupes: froz
     return ds.map_batches(read_units, fn_args=(settings,), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
-def image_layout(cfg) -> str:
-    """--layout auto: the mean layout when each graph gets one image, a drawn layout per seed when it gets several."""
-    if cfg.layout != "auto":
-        return cfg.layout
-    return "mean" if cfg.samples_per_graph == 1 else "sample"
-
-
 def generation_settings(cfg, gpus: float, steps: int | None = None):
     from workers.generator import GenerationSettings
 
@@ -87,7 +80,7 @@ def generation_settings(cfg, gpus: float, steps: int | None = None):
         model=cfg.model, steps=steps or cfg.steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width,
         samples_per_graph=cfg.samples_per_graph, base_seed=cfg.seed, precision=cfg.precision,
         scheduler=cfg.scheduler, use_gpu=gpus > 0, threads=cfg.threads_per_worker, compile=cfg.compile,
-        channels_last=cfg.memory_format == "channels_last", layout=image_layout(cfg),
+        channels_last=cfg.memory_format == "channels_last", layout=cfg.layout,
     )
 
 

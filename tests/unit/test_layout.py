@@ -200,13 +200,3 @@ def test_caption_mode_shows_the_unet_the_caption_alone(graphs):
     np.testing.assert_array_equal(pipe(captioned, **kw).images, pipe(swapped, **kw).images)
     other = [replace(g, caption="blue square") for g in captioned]
     assert np.abs(pipe(other, **kw).images - pipe(captioned, **kw).images).max() > 0
-
-
-def test_generate_starts_from_the_mean_layout_for_one_image_per_graph_and_draws_for_several():
-    from jobs.generate import GenerateConfig
-    from jobs.stages import generation_settings
-
-    assert generation_settings(GenerateConfig(), 0).layout == "mean"
-    assert generation_settings(GenerateConfig(samples_per_graph=4), 0).layout == "sample"
-    assert generation_settings(GenerateConfig(samples_per_graph=4, layout="mean"), 0).layout == "mean"
-    assert generation_settings(GenerateConfig(layout="sample"), 0).layout == "sample"

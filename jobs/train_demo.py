@@ -1,10 +1,11 @@
 """Train the offline demo checkpoints from scratch: the shapes segmenter, then the shapes diffusion model.
 
-    nohup python -m jobs.train_demo > train_demo.log 2>&1 &     # ~1 h 45 min on 2 idle CPU cores
+    nohup python -m jobs.train_demo --output out/demo-base > train_demo.log 2>&1 &     # ~1 h 45 min on 2 idle CPU cores
 
 Seeded and reproducible (same seed, same thread counts). Writes ``{output}/shapes-segmenter`` and
-``{output}/shapes-sg-diffusion``; the log shows progress lines for both. ``--tiny`` runs the same
-code on debug-size models (CI smoke test).
+``{output}/shapes-sg-diffusion``, a tokens-conditioned model: the base that ``jobs.finetune
+--conditioning gated`` turns into the layout-grounded demo model (recipe in docs/benchmarks.md). The
+log shows progress lines for both. ``--tiny`` runs the same code on debug-size models (CI smoke test).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jobs.preflight import check_before_start
 class TrainDemoConfig:
     """Train the shapes segmenter and the shapes scene-graph diffusion model from scratch."""
 
-    output: str = "models"
+    output: str = "out/demo-base"
     """Folder that receives shapes-segmenter/ and shapes-sg-diffusion/."""
     seed: int = 0
     """Seed of both trainings (weights, data stream, augmentation)."""

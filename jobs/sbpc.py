@@ -71,6 +71,9 @@ class SBPCJobConfig(GenerateConfig):
     (or --draft-steps), without guidance."""
     target_recall: float | None = None
     """Adaptive mode: stop drawing candidates for a graph once one reaches this recall."""
+    target_precision: float | None = None
+    """Adaptive mode: the stopping candidate must also reach this precision (1.0: nothing the graph
+    does not name)."""
     round_size: int = 1
     """Adaptive mode: candidates per graph per round."""
     final_candidates: int = 1
@@ -84,8 +87,9 @@ class SBPCJobConfig(GenerateConfig):
     keep_candidates: bool = False
     """Also write every candidate's image (candidates/images/)."""
     fast: bool = False
-    """The fastest settings measured for this model to keep recall near naive best-of-N: the draft model
-    and finals named in the model folder's sbpc_fast.json (a local model folder; refused without one)."""
+    """The fastest settings measured for this model to keep recall within 0.01 of naive best-of-N: the
+    steps, stopping rule, draft model and finals named in the model folder's sbpc_fast.json (a local
+    model folder; refused without one)."""
 
     def __post_init__(self) -> None:
         if self.fast:
@@ -113,6 +117,8 @@ class SBPCJobConfig(GenerateConfig):
                     raise ConfigError(f"--draft-model = {self.draft_model!r}: {err}") from None
         require(self.target_recall is None or 0 <= self.target_recall <= 1, "target_recall", self.target_recall,
                 "must be in [0, 1]")
+        require(self.target_precision is None or (self.target_recall is not None and 0 <= self.target_precision <= 1),
+                "target_precision", self.target_precision, "must be in [0, 1] and needs --target-recall")
         require(self.round_size >= 1, "round_size", self.round_size, "must be >= 1")
         require(1 <= self.final_candidates <= self.candidates, "final_candidates", self.final_candidates,
                 f"must be in 1 … --candidates ({self.candidates})")
@@ -125,7 +131,7 @@ class SBPCJobConfig(GenerateConfig):
                 "final_strength", self.final_strength, "must be in (0, 1] and run at least one final step")
 
     def _apply_fast_settings(self) -> None:
-        """--fast: take the draft and finals settings from the model's sbpc_fast.json; no flag may contradict them."""
+        """--fast: take the SBPC settings from the model's sbpc_fast.json; no flag may contradict them."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         model = resolve(self.model)
         require(Path(model).is_dir(), "fast", True, f"needs a local model folder; --model = {self.model!r} is not one")
@@ -135,11 +141,12 @@ class SBPCJobConfig(GenerateConfig):
             raise ConfigError(f"--fast: {err}") from None
         # A value equal to the file's is not a contradiction: a config copied with dataclasses.replace
         # (resolved paths) validates again with the settings already taken.
-        chosen = [f"--{k.replace('_', '-')}" for k in ("draft_model", "draft_steps", "draft_size", "final_candidates",
-                                                        "final_strength", "target_recall", "round_size")
+        chosen = [f"--{k.replace('_', '-')}" for k in ("steps", "final_steps", "draft_model", "draft_steps", "draft_size",
+                                                        "final_candidates", "final_strength", "target_recall",
+                                                        "target_precision", "round_size")
                   if getattr(self, k) != defaults[k] and (settings is None or not _same(k, getattr(self, k),
                                                                                         settings.get(k)))]
-        require(not chosen, "fast", True, f"chooses the draft settings itself; drop {', '.join(chosen)}")
+        require(not chosen, "fast", True, f"chooses these settings itself; drop {', '.join(chosen)}")
         require(settings is not None, "fast", True,
                 f"model {self.model!r} has no {FAST_FILE} (no draft model measured for it): "
                 "distil one with python -m jobs.distill_draft and run benchmarks/sbpc.py, or use --candidates alone")
@@ -158,7 +165,7 @@ class SBPCJobConfig(GenerateConfig):
         return {
             "candidates": self.candidates, "final_steps": self.final_steps or self.steps,
             "draft_steps": self.draft_steps, "draft_size": self.draft_size, "target_recall": self.target_recall,
-            "round_size": self.round_size, "final_candidates": self.final_candidates,
+            "target_precision": self.target_precision, "round_size": self.round_size, "final_candidates": self.final_candidates,
             "final_strength": self.final_strength,
         }
 

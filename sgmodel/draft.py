@@ -43,14 +43,18 @@ def load_draft_model(path: str | Path) -> tuple[SceneGraphDiffusionPipeline, dic
 
 
 FAST_FILE = "sbpc_fast.json"
-"""Written into a model's folder: the fastest SBPC settings measured for it (draft model and finals)."""
+"""Written into a model's folder: the fastest SBPC settings measured for it (steps, stopping, draft model, finals)."""
 
-FAST_KEYS = ("draft_model", "candidates", "final_candidates", "target_recall", "final_strength")
+FAST_KEYS = ("draft_model", "candidates", "final_candidates", "target_recall", "target_precision", "final_strength",
+             "final_steps")
+"""Every key is required; ``draft_model`` (relative to the model's folder), ``target_recall``,
+``target_precision``, ``final_strength`` and ``final_steps`` may be null (no draft model, no adaptive
+stop, no precision in it, finals from noise, the job's --steps)."""
 
 
 def read_fast_settings(model_dir: str | Path) -> dict | None:
-    """The model's ``sbpc_fast.json`` with ``draft_model`` made a path (relative to the model's folder),
-    or None when the model has none. Unknown or missing keys are an error naming the file."""
+    """The model's ``sbpc_fast.json`` with ``draft_model`` (if any) made a path relative to the model's
+    folder, or None when the model has none. Unknown or missing keys are an error naming the file."""
     path = Path(model_dir) / FAST_FILE
     if not path.exists():
         return None
@@ -59,6 +63,7 @@ def read_fast_settings(model_dir: str | Path) -> dict | None:
     missing = [k for k in FAST_KEYS if k not in settings]
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {unknown} / missing keys {missing} (expected {list(FAST_KEYS)})")
-    draft = Path(settings["draft_model"])
-    settings["draft_model"] = str(draft if draft.is_absolute() else (Path(model_dir) / draft).resolve())
+    if settings["draft_model"] is not None:
+        draft = Path(settings["draft_model"])
+        settings["draft_model"] = str(draft if draft.is_absolute() else (Path(model_dir) / draft).resolve())
     return {k: settings[k] for k in FAST_KEYS}

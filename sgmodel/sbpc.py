@@ -19,7 +19,7 @@ Three ways to spend the candidates:
   draft model instead (``generate_draft``; :mod:`sgmodel.draft`), trained so that a seed's draft looks like
   that seed's full render.
 - adaptive: candidates are drawn in rounds and a graph stops as soon as one reaches the target
-  recall (up to N); combinable with draft, where the target stops the drafts (one final render)
+  recall (and, if set, the target precision) (up to N); combinable with draft, where the target stops the drafts (one final render)
   or, with ``final_candidates`` > 1, the final renders (then every graph drafts all N).
 
 The selection logic is pure: ``generate`` and ``score`` are callables, so it runs in-process
@@ -63,6 +63,9 @@ class SBPCConfig:
     """Draft side length in pixels (drafts only); the draft noise is the full-size noise, average-pooled."""
     target_recall: float | None = None
     """Adaptive mode when set: a graph stops drawing once a candidate reaches this recall."""
+    target_precision: float | None = None
+    """Adaptive mode: the stopping candidate must also reach this precision (1.0: nothing the graph does
+    not name), as the selection rule ranks precision right after recall."""
     round_size: int = 1
     """Candidates per graph per round in adaptive mode."""
     final_candidates: int = 1
@@ -84,6 +87,9 @@ class SBPCConfig:
                 raise ValueError(f"draft_size must divide the image size and be >= 8, got {self.draft_size!r}")
         if self.target_recall is not None and not 0.0 <= self.target_recall <= 1.0:
             raise ValueError(f"target_recall must be in [0, 1], got {self.target_recall!r}")
+        if self.target_precision is not None and (self.target_recall is None
+                                                  or not 0.0 <= self.target_precision <= 1.0):
+            raise ValueError(f"target_precision must be in [0, 1] and needs target_recall, got {self.target_precision!r}")
         if self.round_size < 1:
             raise ValueError(f"round_size must be >= 1, got {self.round_size!r}")
         if not 1 <= self.final_candidates <= self.candidates:
@@ -107,6 +113,13 @@ class SBPCConfig:
     def adaptive_drafts(self) -> bool:
         """Does the target recall stop the drawing of candidates (rather than of final renders)?"""
         return self.target_recall is not None and self.final_candidates == 1
+
+    def reached(self, result: RecallResult) -> bool:
+        """Does this image stop the search (adaptive mode)?"""
+        if self.target_recall is None or result.recall < self.target_recall:
+            return False
+        return self.target_precision is None or (result.precision is not None
+                                                 and result.precision >= self.target_precision)
 
     @property
     def candidate_steps(self) -> int:
@@ -223,7 +236,7 @@ def run_sbpc(
         still = []
         for g in active:
             done = len(pools[g]) >= config.candidates
-            if config.adaptive_drafts and pick_winner(pools[g]).result.recall >= config.target_recall:
+            if config.adaptive_drafts and config.reached(pick_winner(pools[g]).result):
                 done = True
             if not done:
                 still.append(g)
@@ -258,7 +271,7 @@ def _render_finals(graphs: list[SceneGraph], pools: list[list[Candidate]], confi
         still = []
         for g, d, image, result in zip(active, drafts, images, results):
             rendered[g].append(Candidate(d.index, d.seed, result, image))
-            reached = config.target_recall is not None and result.recall >= config.target_recall
+            reached = config.reached(result)
             if len(rendered[g]) < min(config.final_candidates, len(ranked[g])) and not reached:
                 still.append(g)
         active = still

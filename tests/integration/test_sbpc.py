@@ -167,15 +167,37 @@ def test_draft_model_draws_the_candidates_without_guidance(
                draft_steps=2, draft_size=8)
 
 
-def test_fast_runs_the_committed_models_draft_settings(local_ray, inputs, tmp_path):
-    """`sbpc --fast` through the job: the committed demo model's draft model drafts every candidate and
-    the finals follow its sbpc_fast.json."""
+def test_fast_runs_the_committed_models_settings(local_ray, inputs, tmp_path):
+    """`sbpc --fast` through the job: candidates, steps and stopping follow the committed demo model's
+    sbpc_fast.json (and its draft model drafts every candidate when it names one)."""
     root = Path(__file__).resolve().parents[2]
     fast = json.loads((root / "models/shapes-sg-diffusion/sbpc_fast.json").read_text())
-    summary, code = run(config(str(root / "models/shapes-sg-diffusion"), str(root / "models/shapes-segmenter"),
-                               inputs, tmp_path, "fast", fast=True, keep_candidates=True))
+    cfg = SBPCJobConfig(input=str(inputs), output=str(tmp_path), model=str(root / "models/shapes-sg-diffusion"),
+                        segmenter=str(root / "models/shapes-segmenter"), run_id="fast", batch_size=3,
+                        log_every=1000, report=False, fast=True, keep_candidates=True)
+    summary, code = run(cfg)
     assert code == 0 and summary["images"] == 5 and summary["rows_lost"] == 0
     cands, meta = read(tmp_path / "fast", "candidates"), read(tmp_path / "fast", "metadata")
-    assert len(cands) == 5 * fast["candidates"]
-    assert all(c["stage"] == "draft" and c["steps"] == 2 for c in cands)  # the draft model's own step count
-    assert all(1 <= row["finals_rendered"] <= fast["final_candidates"] for row in meta)
+    final_steps = fast["final_steps"] or SBPCJobConfig.steps
+    assert all(row["steps"] == final_steps for row in meta)
+    by_id: dict[str, list[dict]] = {}
+    for c in cands:
+        by_id.setdefault(c["id"], []).append(c)
+    if fast["draft_model"] is not None:
+        assert len(cands) == 5 * fast["candidates"]
+        assert all(c["stage"] == "draft" and c["steps"] == 2 for c in cands)  # the draft model's own step count
+        assert all(1 <= row["finals_rendered"] <= fast["final_candidates"] for row in meta)
+        return
+    # candidates are final images, drawn in index order until one reaches the target recall (and precision)
+    target, target_precision = fast["target_recall"], fast["target_precision"] or 0.0
+
+    def reached(c: dict) -> bool:
+        return c["recall"] >= target and (c["precision"] or 0.0) >= target_precision
+
+    for row in meta:
+        pool = sorted(by_id[row["id"]], key=lambda c: c["candidate_index"])
+        assert [c["candidate_index"] for c in pool] == list(range(len(pool))) and len(pool) == row["candidates_drawn"]
+        assert all(c["steps"] == final_steps for c in pool)
+        if target is not None:
+            assert not any(reached(c) for c in pool[:-1])
+            assert len(pool) == fast["candidates"] or reached(pool[-1])

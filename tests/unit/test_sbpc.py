@@ -201,6 +201,27 @@ def test_adaptive_stops_each_graph_at_the_target():
     assert [r.winner.index for r in out] == [1, 4, 0]
 
 
+def test_adaptive_with_target_precision_stops_only_at_an_image_without_extra_objects():
+    # every candidate of g0 finds the circle; candidates 0 and 1 also show an object the graph does not name
+    recall = {(g.id, i): 1.0 for g in G for i in range(4)}
+    s = Scripted(recall)
+    extra = {0: 0.5, 1: 0.5}
+
+    def score(images, graphs):
+        seeds = s.calls[-1][1]
+        return [RecallResult(**{**vars(r), "precision": extra.get(s.seed_index(g, seed), 1.0)})
+                for r, g, seed in zip(Scripted.score(s, images, graphs), graphs, seeds)]
+
+    cfg = SBPCConfig(candidates=4, final_steps=20, height=16, width=16, target_recall=1.0, target_precision=1.0)
+    out = run_sbpc(G[:1], cfg, s.generate, score)
+    assert out[0].drawn == 3 and out[0].winner.index == 2
+    recall_only = run_sbpc(G[:1], SBPCConfig(candidates=4, final_steps=20, height=16, width=16, target_recall=1.0),
+                           s.generate, score)
+    assert recall_only[0].drawn == 1
+    with pytest.raises(ValueError, match="needs target_recall"):
+        SBPCConfig(candidates=4, final_steps=20, height=16, width=16, target_precision=1.0)
+
+
 def test_config_validation_names_the_value():
     with pytest.raises(ValueError, match="0"):
         SBPCConfig(candidates=0, final_steps=10, height=32, width=32)

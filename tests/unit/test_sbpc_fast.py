@@ -17,26 +17,34 @@ MODEL = ROOT / "models" / "shapes-sg-diffusion"
 DRAFT = ROOT / "models" / "shapes-sg-diffusion-draft"
 
 
+def expected_draft_model(settings: dict) -> Path | None:
+    return None if settings["draft_model"] is None else (MODEL / settings["draft_model"]).resolve()
+
+
 def test_fast_takes_the_committed_models_settings():
     expected = json.loads((MODEL / "sbpc_fast.json").read_text())
     cfg = SBPCJobConfig(model=str(MODEL), fast=True)
-    assert Path(cfg.draft_model) == DRAFT.resolve()
+    assert (cfg.draft_model and Path(cfg.draft_model)) == expected_draft_model(expected)
     assert (cfg.candidates, cfg.final_candidates, cfg.target_recall, cfg.final_strength) == (
         expected["candidates"], expected["final_candidates"], expected["target_recall"], expected["final_strength"])
-    assert cfg.sbpc_args()["final_strength"] == expected["final_strength"]
+    args = cfg.sbpc_args()
+    assert args["final_strength"] == expected["final_strength"]
+    assert args["final_steps"] == (expected["final_steps"] or SBPCJobConfig.steps)
 
 
 def test_fast_survives_the_jobs_resolved_copy():
     """The job validates a resolved copy of its config: the settings --fast took are not flags against it."""
     for cfg in (SBPCJobConfig(fast=True), SBPCJobConfig(model=str(MODEL), fast=True)):
         resolved = cfg.resolved()
-        assert Path(resolved.draft_model) == DRAFT.resolve()
+        assert resolved.draft_model == cfg.draft_model
         assert resolved.sbpc_args() == cfg.sbpc_args()
 
 
 def test_fast_refuses_flags_it_chooses_and_another_candidate_count():
     with pytest.raises(ConfigError, match="drop --draft-steps, --final-candidates"):
         SBPCJobConfig(model=str(MODEL), fast=True, draft_steps=3, final_candidates=2)
+    with pytest.raises(ConfigError, match="drop --steps"):
+        SBPCJobConfig(model=str(MODEL), fast=True, steps=50)
     with pytest.raises(ConfigError, match="--candidates = 4: differs from the 8"):
         SBPCJobConfig(model=str(MODEL), fast=True, candidates=4)
 
@@ -55,6 +63,10 @@ def test_draft_path_is_relative_to_the_model_and_its_teacher_is_checked(tmp_path
     model = tmp_path / "other"
     shutil.copytree(MODEL, model)
     shutil.copytree(DRAFT, tmp_path / "shapes-sg-diffusion-draft")
+    settings = {"draft_model": "../shapes-sg-diffusion-draft", "candidates": 8, "final_candidates": 8,
+                "target_recall": 1.0, "target_precision": None, "final_strength": 0.5,
+                "final_steps": None}
+    (model / "sbpc_fast.json").write_text(json.dumps(settings))
     assert read_fast_settings(model)["draft_model"] == str((tmp_path / "shapes-sg-diffusion-draft").resolve())
     # the same weights: the draft's teacher fingerprint matches the copy
     assert SBPCJobConfig(model=str(model), fast=True).draft_model == str(tmp_path / "shapes-sg-diffusion-draft")

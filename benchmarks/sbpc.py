@@ -103,6 +103,7 @@ class Row:
 
     def figures(self, count: int) -> dict:
         rel = [r.final.result.relation_score for r in self.results if r.final.result.relation_score is not None]
+        prec = [r.final.result.precision for r in self.results if r.final.result.precision is not None]
         return {
             "mode": self.config.mode,
             "candidates": self.config.candidates,
@@ -112,6 +113,7 @@ class Row:
             "target_recall": self.config.target_recall,
             "avg_recall": statistics.fmean(r.final.result.recall for r in self.results),
             "avg_max_candidate_recall": statistics.fmean(r.winner.result.recall for r in self.results),
+            "avg_precision": statistics.fmean(prec) if prec else None,
             "avg_relation_score": statistics.fmean(rel) if rel else None,
             "graphs_with_relation_score": len(rel),
             "avg_candidates_drawn": statistics.fmean(r.drawn for r in self.results),
@@ -125,14 +127,22 @@ class Row:
         }
 
 
-def fast_row(args: argparse.Namespace, common: dict, distilled_steps: int) -> Row:
+def fast_row(args: argparse.Namespace, common: dict, distilled_steps: int | None) -> Row:
     """The job's --fast: the settings of the model's sbpc_fast.json."""
     f = args.fast
-    return Row(f"fast (sbpc_fast.json: N={f['candidates']}, ≤{f['final_candidates']} finals from drafts at "
-               f"strength {f['final_strength']:g}, ≥{f['target_recall']:g})",
-               SBPCConfig(candidates=f["candidates"], **common, draft_steps=distilled_steps,
+    steps = f["final_steps"] or args.final_steps
+    drafts = f"{distilled_steps}-step distilled drafts, " if f["draft_model"] else ""
+    finals = "" if f["final_candidates"] == 1 else f"≤{f['final_candidates']} finals, "
+    finish = f"finished from drafts at strength {f['final_strength']:g}, " if f["final_strength"] is not None else ""
+    stop = f"stop at recall ≥{f['target_recall']:g}" if f["target_recall"] is not None else "no early stop"
+    if f["target_precision"] is not None:
+        stop += f" and precision ≥{f['target_precision']:g}"
+    return Row(f"fast (sbpc_fast.json: N={f['candidates']}, {steps} steps, {drafts}{finals}{finish}{stop})",
+               SBPCConfig(candidates=f["candidates"], **{**common, "final_steps": steps},
+                          draft_steps=distilled_steps if f["draft_model"] else None,
                           final_candidates=f["final_candidates"], target_recall=f["target_recall"],
-                          final_strength=f["final_strength"]), distilled=True)
+                          target_precision=f["target_precision"], final_strength=f["final_strength"]),
+               distilled=bool(f["draft_model"]))
 
 
 def build_rows(args: argparse.Namespace, height: int, width: int, distilled_steps: int | None) -> list[Row]:
@@ -143,7 +153,7 @@ def build_rows(args: argparse.Namespace, height: int, width: int, distilled_step
     size = f", {args.draft_size} px" if args.draft_size else ""
     finals = {"final_candidates": args.final_candidates, "target_recall": args.target_recall}
     m = args.final_candidates
-    fast = [fast_row(args, common, distilled_steps)] if args.fast and distilled_steps is not None else []
+    fast = [fast_row(args, common, distilled_steps)] if args.fast else []
     if args.fast_only:
         return [Row(f"naive N={n}", SBPCConfig(candidates=n, **common)), *fast]
     return [
@@ -281,7 +291,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-MAIN_HEADER = ["", "avg recall", "avg max cand.", "avg relation", "candidates / graph", "full renders / graph",
+MAIN_HEADER = ["", "avg recall", "avg max cand.", "avg precision", "avg relation", "candidates / graph", "full renders / graph",
                "final steps / graph", "s / graph", "speed-up vs naive"]
 
 
@@ -294,7 +304,8 @@ def main_cells(rows: list[Row], figures: dict) -> list[list[str]]:
     out = []
     for row in rows:
         f = figures["rows"][row.name]
-        out.append([row.name, fmt(f["avg_recall"]), fmt(f["avg_max_candidate_recall"]), fmt(f["avg_relation_score"]),
+        out.append([row.name, fmt(f["avg_recall"]), fmt(f["avg_max_candidate_recall"]), fmt(f["avg_precision"]),
+                    fmt(f["avg_relation_score"]),
                     f"{f['avg_candidates_drawn']:.2f}", f"{f['avg_full_renders']:.2f}", f"{f['avg_final_steps']:.1f}",
                     f"{f['seconds_per_graph']:.2f}",
                     f"{naive / f['seconds']:.2f}x"])

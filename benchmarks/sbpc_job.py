@@ -2,7 +2,7 @@
 
 Prepares fresh shapes graphs (a stream no model was trained on), then runs each job in its own
 process one after the other (`--rounds` times, alternating which goes first), timing the whole
-command and reading the mean recall from each run's summary.json:
+command and reading the mean recall and precision from each run's summary.json:
 
     python benchmarks/sbpc_job.py --count 64
 
@@ -32,7 +32,8 @@ def run_job(name: str, flags: list[str], inputs: Path, output: Path, log: Path) 
         subprocess.run(command, cwd=ROOT, check=True, stdout=fh, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - began
     summary = json.loads((output / name / "summary.json").read_text())
-    return {"seconds": seconds, "recall": summary["recall"]["mean"], "command": " ".join(command[1:])}
+    return {"seconds": seconds, "recall": summary["recall"]["mean"], "precision": summary["precision"]["mean"],
+            "command": " ".join(command[1:])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,12 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
     fast_s = statistics.fmean(r["seconds"] for r in runs["fast"])
     naive_r = statistics.fmean(r["recall"] for r in runs["naive"])
     fast_r = statistics.fmean(r["recall"] for r in runs["fast"])
+    naive_p = statistics.fmean(r["precision"] for r in runs["naive"])
+    fast_p = statistics.fmean(r["precision"] for r in runs["fast"])
     speed = naive_s / fast_s
     print(f"\nsbpc job on {args.count} fresh shapes graphs (stream {args.seed}), whole command each, "
           f"{args.rounds} round(s)")
-    print(f"{'':24} {'seconds':>8} {'mean recall':>12}")
-    print(f"{'--candidates 8':24} {naive_s:8.0f} {naive_r:12.3f}")
-    print(f"{'--fast':24} {fast_s:8.0f} {fast_r:12.3f}")
+    print(f"{'':24} {'seconds':>8} {'mean recall':>12} {'mean precision':>15}")
+    print(f"{'--candidates 8':24} {naive_s:8.0f} {naive_r:12.3f} {naive_p:15.3f}")
+    print(f"{'--fast':24} {fast_s:8.0f} {fast_r:12.3f} {fast_p:15.3f}")
     speed_ok, recall_ok = speed >= SPEED_TARGET, fast_r >= naive_r - RECALL_GAP
     print(f"  {'PASS' if speed_ok else 'MISS'}  --fast >= {SPEED_TARGET}x faster than --candidates 8: {speed:.2f}x")
     print(f"  {'PASS' if recall_ok else 'MISS'}  --fast mean recall within {RECALL_GAP} of --candidates 8: "

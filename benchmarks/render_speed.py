@@ -7,12 +7,16 @@ The bare pipeline loop (what a generator actor runs: ``pipe(graphs, num_inferenc
 guidance_scale=3, seeds=..., output_type="np")``) on held-out shapes graphs, batch after batch,
 once per setting, settings interleaved round by round so background load hits them alike:
 
-- ``default``: fp32, eager, contiguous weights, the model's attention processor, inference mode;
+- ``default``: the pipeline's defaults: fp32, eager, contiguous weights, the model's attention
+  processor, inference mode, one batched UNet call for both guidance halves;
 - ``channels_last``: the UNet in channels-last memory format (the job's ``--memory-format channels_last``);
 - ``compile``: ``torch.compile`` of the UNet (inductor; its compile time is reported, not timed);
+- ``compile + channels_last``: both;
 - ``bf16``: CPU autocast to bfloat16 (only where the CPU has native bf16 support);
 - ``no SDPA``: diffusers' classic attention processor instead of PyTorch's scaled_dot_product_attention;
-- ``separate CFG``: conditional and unconditional passes as two UNet calls instead of one batch.
+- ``separate CFG``: conditional and unconditional passes as two UNet calls instead of one batch
+  (the pipeline's ``separate_guidance_passes``; the job's ``--guidance-passes``);
+- ``separate CFG + compile + channels_last``: all three.
 
 Prints images/s per setting and its ratio to ``default``, the largest pixel difference from the
 default's images (0-255; a setting is usable as a default only within ``--tolerance``), the model's
@@ -66,29 +70,6 @@ def flops_per_image(pipe: SceneGraphDiffusionPipeline, graphs, steps: int) -> fl
     return counter.get_total_flops() / len(graphs)
 
 
-class SeparateCFG:
-    """Wraps a UNet so a guided call (batch 2B) runs as two calls of B: the unfused baseline."""
-
-    def __init__(self, unet) -> None:
-        self.unet = unet
-
-    def __getattr__(self, name):
-        return getattr(self.unet, name)
-
-    def __call__(self, sample, timestep, **kwargs):
-        half = sample.shape[0] // 2
-        parts = []
-        for rows in (slice(0, half), slice(half, None)):
-            kw = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-            if "cross_attention_kwargs" in kwargs and kwargs["cross_attention_kwargs"]:
-                gligen = kwargs["cross_attention_kwargs"]["gligen"]
-                kw["cross_attention_kwargs"] = {"gligen": {k: v[rows] for k, v in gligen.items()}}
-            parts.append(self.unet(sample[rows], timestep, **kw).sample)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=torch.cat(parts))
-
-
 def settings(pipe: SceneGraphDiffusionPipeline, args) -> dict[str, tuple[Callable[[], None], Callable[[], None], object]]:
     """name -> (apply, undo, context manager factory) for every setting measured."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -109,9 +90,10 @@ def settings(pipe: SceneGraphDiffusionPipeline, args) -> dict[str, tuple[Callabl
                       lambda: unet.set_attn_processor(AttnProcessor2_0()), nullcontext)
 
     def separate():
-        pipe.unet = SeparateCFG(unet)
+        pipe.separate_guidance_passes = True
 
     def fused():
+        pipe.separate_guidance_passes = False
         pipe.unet = unet
 
     out["separate CFG"] = (separate, fused, nullcontext)
@@ -122,6 +104,27 @@ def settings(pipe: SceneGraphDiffusionPipeline, args) -> dict[str, tuple[Callabl
             pipe.unet = compiled
 
         out["compile"] = (use_compiled, fused, nullcontext)
+
+        def use_compiled_channels_last():
+            channels_last()
+            pipe.unet = compiled
+
+        def undo_compiled_channels_last():
+            pipe.unet = unet
+            contiguous()
+
+        # the compiled UNet guards on strides, so channels-last weights get their own graph
+        out["compile + channels_last"] = (use_compiled_channels_last, undo_compiled_channels_last, nullcontext)
+
+        def use_all():
+            use_compiled_channels_last()
+            separate()
+
+        def undo_all():
+            fused()
+            contiguous()
+
+        out["separate CFG + compile + channels_last"] = (use_all, undo_all, nullcontext)
     return out
 
 

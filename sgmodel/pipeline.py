@@ -98,6 +98,9 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMi
         self._guidance_scale = 1.0
         self._num_timesteps = 0
         self._interrupt = False
+        self.separate_guidance_passes = False
+        """Guided sampling: run the conditional and unconditional halves as two UNet calls instead of one
+        batched call. Same images; on CPU the two smaller calls run faster (benchmarks/render_speed.py)."""
         # Here rather than in from_pretrained: DiffusionPipeline.from_pretrained builds this class too.
         for module in (unet, vae, text_encoder, graph_encoder, conditioner):
             if isinstance(module, torch.nn.Module):
@@ -129,6 +132,14 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMi
                                   private=hub.get("private"), token=hub.get("token")).repo_id
             self._upload_folder(save_directory, repo_id, token=hub.get("token"),
                                 commit_message=hub.get("commit_message"), create_pr=hub.get("create_pr", False))
+
+    def predict_noise(self, model_input: torch.Tensor, t, unet_kwargs: dict) -> torch.Tensor:
+        """The UNet's prediction for a step; guided batches [cond; uncond] may go through in two halves."""
+        if not (self.do_classifier_free_guidance and self.separate_guidance_passes):
+            return self.unet(model_input, t, **unet_kwargs).sample
+        full, half = model_input.shape[0], model_input.shape[0] // 2
+        return torch.cat([self.unet(model_input[rows], t, **_batch_rows(unet_kwargs, rows, full)).sample
+                          for rows in (slice(0, half), slice(half, full))])
 
     @property
     def guidance_scale(self) -> float:
@@ -439,7 +450,8 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMi
             torch.Generator("cpu").manual_seed(int(s) ^ 0x5DEECE66D) for s in seeds
         ]
 
-        # 4. Denoise: cond and uncond go through the UNet in one batched forward.
+        # 4. Denoise: cond and uncond go through the UNet in one batched forward (or two, see
+        # separate_guidance_passes).
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 continue
@@ -447,7 +459,7 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMi
             model_input = self.scheduler.scale_model_input(model_input, t)
             if canvas is not None:  # layout channels after the latents, as inpainting UNets take their mask
                 model_input = torch.cat([model_input, canvas], dim=1)
-            noise_pred = self.unet(model_input, t, **unet_kwargs).sample
+            noise_pred = self.predict_noise(model_input, t, unet_kwargs)
             if self.do_classifier_free_guidance:
                 cond_pred, uncond_pred = noise_pred.chunk(2)
                 noise_pred = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
@@ -637,6 +649,15 @@ def pipeline_class_name(model_index: Mapping[str, Any]) -> str:
     if isinstance(name, (list, tuple)) and len(name) == 2:
         name = name[1]
     return name if isinstance(name, str) else ""
+
+
+def _batch_rows(value, rows: slice, batch: int):
+    """``value`` with every tensor of ``batch`` rows (also inside dicts, e.g. GLIGEN's) cut to ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _batch_rows(v, rows, batch) for k, v in value.items()}
+    return value
 
 
 def _cast(value, dtype):

@@ -48,6 +48,8 @@ class GenerationSettings:
     compile: bool = False
     channels_last: bool = False
     """The UNet's weights in channels-last memory format (faster convolutions, same images up to rounding)."""
+    separate_guidance: bool = False
+    """Guided steps as two UNet calls (cond, uncond) instead of one batched call: same images."""
     layout: str = "sample"
     """Layout-grounded models, graphs without boxes: draw each image's layout ("sample") or start from the
     mean layout ("mean")."""
@@ -80,7 +82,7 @@ class Generator:
         self.dtype = pick_dtype(settings.precision, self.device)
         path = localize_model(settings.model, Storage(storage_settings) if storage_settings else None)
         self.pipe = load_pipeline(path, self.device, self.dtype, settings.scheduler, settings.compile,
-                                  settings.channels_last)
+                                  settings.channels_last, settings.separate_guidance)
         self.height = settings.height or self.pipe.default_size
         self.width = settings.width or self.pipe.default_size
         logger.info("generator ready: %s on %s/%s, %d threads", settings.model, self.device, self.dtype, self.threads)

@@ -81,11 +81,13 @@ def load_pipeline(
     scheduler: str = "model",
     compile_unet: bool = False,
     channels_last: bool = False,
+    separate_guidance: bool = False,
 ):
     """Load a SceneGraphDiffusionPipeline folder (safetensors only) onto a device, ready to sample.
 
     ``channels_last`` stores the UNet's weights channels-last, which oneDNN's and cuDNN's convolutions
-    run faster (benchmarks/render_speed.py) with the same images up to rounding."""
+    run faster (benchmarks/render_speed.py) with the same images up to rounding; ``separate_guidance``
+    runs guided steps as two UNet calls (same images; faster on CPU)."""
     from sgmodel.pipeline import SceneGraphDiffusionPipeline
 
     pipe = SceneGraphDiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, use_safetensors=True)
@@ -94,6 +96,7 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
+    pipe.separate_guidance_passes = separate_guidance
     if compile_unet:  # worth it on GPUs for long runs; the first batches pay the compile time
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=False)
     return pipe

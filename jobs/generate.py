@@ -104,9 +104,9 @@ class GenerateConfig:
     memory_format: Literal["channels_last", "contiguous"] = "contiguous"
     """The UNet's weight layout: channels_last runs convolutions faster (docs/benchmarks.md, render
     speed) with images a few levels off fp32 eager's; contiguous is PyTorch's default layout."""
-    guidance_passes: Literal["auto", "batched", "separate"] = "auto"
+    guidance_passes: Literal["batched", "separate"] = "batched"
     """Guided steps: conditional and unconditional halves in one batched UNet call or two calls (the
-    same images); auto = separate on CPU, where it is faster (docs/benchmarks.md, render speed), batched on GPU."""
+    same images; on CPU two calls were up to 1.17x faster at large batches, docs/benchmarks.md)."""
     layout: Literal["sample", "mean"] = "sample"
     """Layout-grounded models, graphs without boxes: draw each image's layout from the layout distribution
     with the image's seed (sample), or start from the mean layout (mean). Boxes a row carries always win."""

@@ -81,7 +81,7 @@ def generation_settings(cfg, gpus: float, steps: int | None = None):
         samples_per_graph=cfg.samples_per_graph, base_seed=cfg.seed, precision=cfg.precision,
         scheduler=cfg.scheduler, use_gpu=gpus > 0, threads=cfg.threads_per_worker, compile=cfg.compile,
         channels_last=cfg.memory_format == "channels_last", layout=cfg.layout,
-        separate_guidance=cfg.guidance_passes == "separate" or (cfg.guidance_passes == "auto" and gpus == 0),
+        separate_guidance=cfg.guidance_passes == "separate",
     )
 
 

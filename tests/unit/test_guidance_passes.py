@@ -15,10 +15,9 @@ from workers.runtime import load_pipeline
 MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-sg-diffusion"
 
 
-def test_auto_is_separate_on_cpu_and_batched_on_gpu():
-    assert generation_settings(GenerateConfig(), 0).separate_guidance is True
-    assert generation_settings(GenerateConfig(), 1).separate_guidance is False
-    assert generation_settings(GenerateConfig(guidance_passes="batched"), 0).separate_guidance is False
+def test_batched_is_the_default_and_separate_can_be_chosen():
+    assert generation_settings(GenerateConfig(), 0).separate_guidance is False
+    assert generation_settings(GenerateConfig(guidance_passes="separate"), 0).separate_guidance is True
     assert generation_settings(GenerateConfig(guidance_passes="separate"), 1).separate_guidance is True
 
 

@@ -148,8 +148,8 @@ class SBPCJobConfig(GenerateConfig):
                                                                                         settings.get(k)))]
         require(not chosen, "fast", True, f"chooses these settings itself; drop {', '.join(chosen)}")
         require(settings is not None, "fast", True,
-                f"model {self.model!r} has no {FAST_FILE} (no draft model measured for it): "
-                "distil one with python -m jobs.distill_draft and run benchmarks/sbpc.py, or use --candidates alone")
+                f"model {self.model!r} has no {FAST_FILE} (no fast settings measured for it): "
+                "measure them with benchmarks/sbpc.py, or use --candidates alone")
         require(self.candidates == defaults["candidates"] or self.candidates == settings["candidates"], "candidates",
                 self.candidates, f"differs from the {settings['candidates']} that {FAST_FILE} was measured with")
         for key, value in settings.items():

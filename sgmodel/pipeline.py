@@ -100,7 +100,7 @@ class SceneGraphDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMi
         self._interrupt = False
         self.separate_guidance_passes = False
         """Guided sampling: run the conditional and unconditional halves as two UNet calls instead of one
-        batched call. Same images; on CPU the two smaller calls run faster (benchmarks/render_speed.py)."""
+        batched call. Same images; the speed difference depends on device and batch (benchmarks/render_speed.py)."""
         # Here rather than in from_pretrained: DiffusionPipeline.from_pretrained builds this class too.
         for module in (unet, vae, text_encoder, graph_encoder, conditioner):
             if isinstance(module, torch.nn.Module):

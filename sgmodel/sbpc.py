@@ -118,8 +118,7 @@ class SBPCConfig:
         """Does this image stop the search (adaptive mode)?"""
         if self.target_recall is None or result.recall < self.target_recall:
             return False
-        return self.target_precision is None or (result.precision is not None
-                                                 and result.precision >= self.target_precision)
+        return self.target_precision is None or result.precision >= self.target_precision
 
     @property
     def candidate_steps(self) -> int:

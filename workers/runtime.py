@@ -87,7 +87,7 @@ def load_pipeline(
 
     ``channels_last`` stores the UNet's weights channels-last, which oneDNN's and cuDNN's convolutions
     run faster (benchmarks/render_speed.py) with the same images up to rounding; ``separate_guidance``
-    runs guided steps as two UNet calls (same images; faster on CPU)."""
+    runs guided steps as two UNet calls (same images)."""
     from sgmodel.pipeline import SceneGraphDiffusionPipeline
 
     pipe = SceneGraphDiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, use_safetensors=True)

@@ -20,7 +20,8 @@ once per setting, settings interleaved round by round so background load hits th
 
 Prints images/s per setting and its ratio to ``default``, the largest pixel difference from the
 default's images (0-255; a setting is usable as a default only within ``--tolerance``), the model's
-FLOPs per image counted by ``torch.utils.flop_counter`` over one whole call, and the fraction of the
+FLOPs per image counted by ``torch.utils.flop_counter`` over one whole call (attention's share
+among them), the ops that take the most time (``torch.profiler``), and the fraction of the
 machine's measured peak (a large fp32 matmul, best of a few) the pipeline reaches.
 """
 
@@ -61,13 +62,30 @@ def bf16_supported() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def flops_per_image(pipe: SceneGraphDiffusionPipeline, graphs, steps: int) -> float:
+def flops_per_image(pipe: SceneGraphDiffusionPipeline, graphs, steps: int) -> tuple[float, float]:
+    """Model FLOPs per image and the attention's share of them. Counted with the math attention
+    backend: torch.utils.flop_counter has no formula for the CPU flash kernel, whose FLOPs it would
+    leave out; the math backend's batched matmuls are the same products."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with sdpa_kernel([SDPBackend.MATH]), counter:
         pipe(graphs, num_inference_steps=steps, seeds=list(range(len(graphs))), output_type="np")
-    return counter.get_total_flops() / len(graphs)
+    total = counter.get_total_flops()
+    attention = sum(v for k, v in counter.get_flop_counts()["Global"].items() if str(k) == "aten.bmm")
+    return total / len(graphs), attention / total
+
+
+def time_shares(pipe: SceneGraphDiffusionPipeline, graphs, steps: int, top: int = 5) -> list[tuple[str, float]]:
+    """The ops taking the most self CPU time in one default call (torch.profiler), as shares of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        render(pipe, graphs, steps)
+    events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in events)
+    return [(key, t / total) for key, t in sorted(events, key=lambda e: -e[1])[:top]]
 
 
 def settings(pipe: SceneGraphDiffusionPipeline, args) -> dict[str, tuple[Callable[[], None], Callable[[], None], object]]:
@@ -151,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     graphs = held_out_graphs(args.batch_size * (args.batches + 1), HELD_OUT_SEED, pipe.default_size)
     batches = [graphs[i:i + args.batch_size] for i in range(0, len(graphs), args.batch_size)]
     peak = peak_gflops()
-    flops = flops_per_image(pipe, batches[0][:2], args.steps)
+    flops, attention_share = flops_per_image(pipe, batches[0][:2], args.steps)
+    shares = time_shares(pipe, batches[0], args.steps)
     variants = settings(pipe, args)
     seconds = {name: 0.0 for name in variants}
     images: dict[str, list[np.ndarray]] = {name: [] for name in variants}
@@ -176,11 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
     reference = np.concatenate(images["default"]).astype(np.int16)
     print(f"\n{measured} images per setting ({args.batches} batches of {args.batch_size}), {args.steps} steps with "
           f"guidance, {pipe.default_size} px, {args.threads} threads; machine peak {peak:.0f} GFLOP/s "
-          f"(fp32 matmul); model {flops / 1e9:.1f} GFLOP per image")
+          f"(fp32 matmul); model {flops / 1e9:.1f} GFLOP per image, {attention_share:.0%} of it attention")
+    print("self CPU time of the default loop: " + ", ".join(f"{k} {v:.0%}" for k, v in shares))
     print(f"| setting | images/s | vs default | GFLOP/s | of peak | max pixel diff | images within {args.tolerance} "
           "| first batch s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    figures = {"peak_gflops": peak, "gflop_per_image": flops / 1e9, "settings": {}}
+    figures = {"peak_gflops": peak, "gflop_per_image": flops / 1e9, "attention_flop_share": attention_share,
+               "time_shares": dict(shares), "settings": {}}
     for name in variants:
         rate = measured / seconds[name]
         per_image = np.abs(np.concatenate(images[name]).astype(np.int16) - reference).reshape(measured, -1).max(1)

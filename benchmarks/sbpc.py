@@ -103,7 +103,6 @@ class Row:
 
     def figures(self, count: int) -> dict:
         rel = [r.final.result.relation_score for r in self.results if r.final.result.relation_score is not None]
-        prec = [r.final.result.precision for r in self.results if r.final.result.precision is not None]
         return {
             "mode": self.config.mode,
             "candidates": self.config.candidates,
@@ -113,7 +112,7 @@ class Row:
             "target_recall": self.config.target_recall,
             "avg_recall": statistics.fmean(r.final.result.recall for r in self.results),
             "avg_max_candidate_recall": statistics.fmean(r.winner.result.recall for r in self.results),
-            "avg_precision": statistics.fmean(prec) if prec else None,
+            "avg_precision": statistics.fmean(r.final.result.precision for r in self.results),
             "avg_relation_score": statistics.fmean(rel) if rel else None,
             "graphs_with_relation_score": len(rel),
             "avg_candidates_drawn": statistics.fmean(r.drawn for r in self.results),

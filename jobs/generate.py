@@ -106,7 +106,7 @@ class GenerateConfig:
     speed) with images a few levels off fp32 eager's; contiguous is PyTorch's default layout."""
     guidance_passes: Literal["batched", "separate"] = "batched"
     """Guided steps: conditional and unconditional halves in one batched UNet call or two calls (the
-    same images; on CPU two calls were up to 1.17x faster at large batches, docs/benchmarks.md)."""
+    same images; on CPU two calls measured 0.90-1.17x of one call at batch 16, docs/benchmarks.md)."""
     layout: Literal["sample", "mean"] = "sample"
     """Layout-grounded models, graphs without boxes: draw each image's layout from the layout distribution
     with the image's seed (sample), or start from the mean layout (mean). Boxes a row carries always win."""

@@ -11,25 +11,27 @@ import pytest
 from workers.runtime import localize_model
 
 # Allocates, touches and frees a 64 MiB tensor (above glibc's largest mmap threshold) again and again,
-# as a CPU render does with its activations; prints the minor page faults of the last 10 of 20 rounds
-# (the heap settles in the first few).
+# as a CPU render does with its activations; prints the minor page faults of each of the last 10 of 20
+# rounds (the heap settles in the first few).
 _REALLOCATE = """
 import resource, sys, torch
 from workers.runtime import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "keep" else None
 for _ in range(10):
     torch.ones(16 << 20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 << 20)
-print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(took, *faults)
 """
 
 
-def _reallocation_faults(mode: str) -> tuple[str, int]:
+def _reallocation_faults(mode: str) -> tuple[str, list[int]]:
     out = subprocess.run([sys.executable, "-c", _REALLOCATE, mode], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout.split()
-    return out[0], int(out[1])
+    return out[0], [int(n) for n in out[1:]]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
@@ -38,9 +40,10 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     assert took == "True"
     _, default = _reallocation_faults("default")
     # glibc's default unmaps each 64 MiB block on free, so every round faults it in again: at least
-    # one fault per 2 MiB (huge pages) in each of the 10 rounds; kept blocks are reused without faulting.
-    assert default >= 10 * 32
-    assert kept < default / 10
+    # one fault per 2 MiB (huge pages). Kept blocks are reused without faulting; a busy host may still
+    # reclaim the kept heap now and then, so most rounds, not all, must run fault-free.
+    assert all(n >= 32 for n in default), default
+    assert sum(n < 32 for n in kept) >= 7, kept
 
 
 def test_localize_model_fetches_only_the_pipeline_components(s3_bucket, tmp_path):

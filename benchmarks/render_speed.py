@@ -12,6 +12,9 @@ once per setting, settings interleaved round by round so background load hits th
 - ``channels_last``: the UNet in channels-last memory format (the job's ``--memory-format channels_last``);
 - ``compile``: ``torch.compile`` of the UNet (inductor; its compile time is reported, not timed);
 - ``compile + channels_last``: both;
+- ``compile, frozen``: ``torch.compile`` with inductor's ``freezing``: weights folded in as constants,
+  convolution and linear weights prepacked for oneDNN (inference only; the job's ``--compile`` on CPU);
+- ``compile, frozen + channels_last + separate CFG``: the frozen compile with the other two exact settings;
 - ``bf16``: CPU autocast to bfloat16 (only where the CPU has native bf16 support);
 - ``no SDPA``: diffusers' classic attention processor instead of PyTorch's scaled_dot_product_attention;
 - ``separate CFG``: conditional and unconditional passes as two UNet calls instead of one batch
@@ -143,6 +146,19 @@ def settings(pipe: SceneGraphDiffusionPipeline, args) -> dict[str, tuple[Callabl
             contiguous()
 
         out["separate CFG + compile + channels_last"] = (use_all, undo_all, nullcontext)
+        frozen = torch.compile(unet, options={"freezing": True})
+
+        def use_frozen():
+            pipe.unet = frozen
+
+        out["compile, frozen"] = (use_frozen, fused, nullcontext)
+
+        def use_frozen_all():
+            channels_last()
+            separate()
+            pipe.unet = frozen
+
+        out["compile, frozen + channels_last + separate CFG"] = (use_frozen_all, undo_all, nullcontext)
     return out
 
 

@@ -100,7 +100,7 @@ class GenerateConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """Weights/activations dtype: auto = fp16 on GPU, fp32 on CPU."""
     compile: bool = False
-    """torch.compile the UNet (GPU runs; the first batches pay the compile time)."""
+    """torch.compile the UNet: frozen weights on CPU, CUDA graphs on GPU (the first batches pay the compile time)."""
     memory_format: Literal["channels_last", "contiguous"] = "contiguous"
     """The UNet's weight layout: channels_last runs convolutions faster (docs/benchmarks.md, render
     speed) with images a few levels off fp32 eager's; contiguous is PyTorch's default layout."""

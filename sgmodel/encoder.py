@@ -8,6 +8,9 @@ collapsing to a constant, as they would in sg2im's original pooling).
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +29,25 @@ def mlp(dims: list[int], final_activation: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _remove_generated_source(cls: type) -> None:
+    """torch-geometric writes the ``propagate`` it generates for a MessagePassing class to a temporary
+    .py file, imports it and leaves the file behind: one per class and process, so every worker would
+    add files to the temp dir. Once imported the module runs from memory; the file is not needed."""
+    module = sys.modules.get(f"{cls.__module__}_{cls.__name__}_propagate")
+    path = getattr(module, "__file__", None)
+    if path and os.path.dirname(os.path.abspath(path)) == os.path.abspath(tempfile.gettempdir()):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 class TripleConv(MessagePassing):
     """One round of triple convolution over a PyG batch."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__(aggr="mean", flow="source_to_target")
+        _remove_generated_source(type(self))
         self.dim = dim
         self.triple_net = mlp([3 * dim, hidden_dim, 2 * hidden_dim + dim])
         self.node_net = mlp([hidden_dim + dim, hidden_dim, dim])

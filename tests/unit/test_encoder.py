@@ -42,3 +42,22 @@ def test_input_graphs_are_not_mutated(tiny_pipe, graphs):
     before = [repr(g) for g in graphs]
     tiny_pipe.encode(graphs)
     assert [repr(g) for g in graphs] == before
+
+
+def test_graph_convolution_leaves_no_generated_files_in_the_temp_dir(tmp_path):
+    # torch-geometric writes each MessagePassing class's generated propagate() to the temp dir; a
+    # fresh process with its own TMPDIR shows whether the file stays behind.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from sgmodel.encoder import TripleConv\n"
+        "conv = TripleConv(8, 16)\n"
+        "nodes, triples = conv(torch.randn(3, 8), torch.randn(2, 8), torch.tensor([[0, 1], [1, 2]]))\n"
+        "assert nodes.shape == (3, 8) and triples.shape == (2, 8)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -24,6 +24,9 @@ reason, never fatal. On a multi-node cluster ``--output`` and ``--checkpoint-dir
 storage (s3://): rank 0 writes the export and every rank its checkpoint shards. Checkpoints hold
 DeepSpeed's state (weights, optimizer partitions, LR schedule) as safetensors files
 (:mod:`workers.train_checkpoint`), and ``--resume`` reads only the run's own checkpoint storage.
+The run holds a lease on its output folder (``_lease.json``, :mod:`jobs.lease`) from before it deletes
+or writes anything there until it ends, so a second run of the same output is refused, even with
+``--overwrite``, while the first one lives.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ from typing import Literal
 from jobs.common import RunExistsError, fingerprint, init_ray, job_main, storage_for, versions, write_report
 from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, resolve
+from jobs.lease import DEFAULT_TIMEOUT, RunLease
 from jobs.preflight import check_before_start
-from jobs.runs import discover_inputs, input_columns, parquet_paths
+from jobs.runs import LEASE_FILE, discover_inputs, input_columns, parquet_paths
 from sgmodel.pipeline import pipeline_class_name
 from sgmodel.train import TrainConfig
 from workers.storage import Storage, is_s3, join, split_s3
@@ -148,6 +152,9 @@ class FinetuneConfig(TrainConfig):
     """Continue from the latest checkpoint (same flags); starts fresh when there is none."""
     overwrite: bool = False
     """Delete an existing output (and checkpoints) first."""
+    lease_timeout: float = DEFAULT_TIMEOUT
+    """Seconds without a heartbeat after which the output's lease counts as abandoned (--resume or
+    --overwrite may then take it over); the driver renews it every timeout/6 seconds."""
     max_failures: int = 0
     """Worker failures Ray Train recovers from within this run (restarting from the latest checkpoint)."""
     report: bool = True
@@ -198,6 +205,7 @@ class FinetuneConfig(TrainConfig):
         require(not needs_encoder or bool(self.image_encoder), "image_encoder", self.image_encoder,
                 "required when --lambda-recon < 1 or --adversarial-weight > 0 (the alignment losses need image embeddings)")
         require(not (self.resume and self.overwrite), "resume", self.resume, "--resume and --overwrite exclude each other")
+        require(self.lease_timeout >= 1, "lease_timeout", self.lease_timeout, "must be >= 1 second")
         self.overrides()  # validates --deepspeed-overrides early
         try:
             super().__post_init__()
@@ -359,7 +367,12 @@ def prepare_output(cfg: FinetuneConfig, storage: Storage) -> bool:
     snapshot = join(cfg.checkpoint_uri, RUN_NAME, "checkpoint_manager_snapshot.json")
     existing = storage.exists(join(cfg.output, "run.json")) or storage.exists(snapshot)
     if existing and cfg.overwrite:
-        removed = storage.delete_prefix(cfg.output)
+        lease = join(cfg.output, LEASE_FILE)  # this run's own: held while it deletes
+        removed = 0
+        for uri in storage.list(cfg.output):
+            if uri != lease:
+                storage.delete(uri)
+                removed += 1
         if not cfg.checkpoint_uri.startswith(cfg.output.rstrip("/") + "/"):
             removed += storage.delete_prefix(cfg.checkpoint_uri)
         logger.info("--overwrite: removed %d files under %s", removed, cfg.output)
@@ -373,12 +386,6 @@ def prepare_output(cfg: FinetuneConfig, storage: Storage) -> bool:
 
 def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     """Run the job; returns (summary, exit code)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from sgmodel.deepspeed_config import build_deepspeed_config
-    from workers import train_loop
-
     cfg = cfg.resolved()
     check_before_start(cfg)
     started = time.perf_counter()
@@ -402,6 +409,20 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     discover_inputs(storage, cfg.train)  # bad input fails fast, before touching the output
     if cfg.val:
         discover_inputs(storage, cfg.val)
+    with RunLease(storage, join(cfg.output, LEASE_FILE), cfg.output, timeout=cfg.lease_timeout) as lease:
+        lease.acquire(take_over=cfg.resume or cfg.overwrite)
+        return _train(cfg, storage, base_kind, image_size, started, lease)
+
+
+def _train(cfg: FinetuneConfig, storage: Storage, base_kind: str, image_size: int, started: float,
+           lease: RunLease) -> tuple[dict, int]:
+    """The run, once it holds its output's lease: output checks, Ray Train, summaries."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sgmodel.deepspeed_config import build_deepspeed_config
+    from workers import train_loop
+
     has_checkpoints = prepare_output(cfg, storage)
 
     init_ray(dashboard=True)  # Ray Train's placement-group cleaner needs the State API
@@ -462,6 +483,7 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
         final = dict(result.metrics or {})
     except Exception as err:  # noqa: BLE001 - TrainingFailedError and friends: record the failure, keep checkpoints
         error, final = err, {}
+    lease.check()  # another run took the output over: leave its files alone
     elapsed = time.perf_counter() - started
     summary = summarize(cfg, final, steps, elapsed, error)
     storage.write_text(join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")

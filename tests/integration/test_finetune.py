@@ -139,6 +139,23 @@ def crash_after_step_10(config: dict) -> None:
     train_loop.train_loop_per_worker(config)
 
 
+def test_a_second_run_of_a_busy_output_is_refused_even_with_overwrite(tiny_model_dir, train_table, tmp_path):
+    # Another driver (this test) holds the output's lease: nothing may be deleted or written there.
+    from jobs.lease import RunLease, RunLockedError
+    from workers.storage import Storage, StorageSettings
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    with RunLease(Storage(StorageSettings()), str(out / "_lease.json"), str(out)) as other:
+        other.acquire(take_over=False)
+        for flags in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(RunLockedError, match="is in use by"):
+                run(config(str(train_table), tiny_model_dir, str(out), steps=2, **flags))
+            assert sorted(p.name for p in out.iterdir()) == ["_lease.json", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
 def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, train_table, tmp_path, monkeypatch):
     out = tmp_path / "ft"
     cfg = config(str(train_table), tiny_model_dir, str(out), steps=20, checkpoint_every=5, trainable="unet",

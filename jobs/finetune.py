@@ -47,7 +47,7 @@ from jobs.config import ConfigError, require
 from jobs.defaults import DEMO_MODEL, resolve
 from jobs.lease import DEFAULT_TIMEOUT, RunLease
 from jobs.preflight import check_before_start
-from jobs.runs import LEASE_FILE, discover_inputs, input_columns, parquet_paths
+from jobs.runs import LEASE_FILE, discover_inputs, files_but_lease, input_columns, parquet_paths
 from sgmodel.pipeline import pipeline_class_name
 from sgmodel.train import TrainConfig
 from workers.storage import Storage, is_s3, join, split_s3
@@ -367,12 +367,10 @@ def prepare_output(cfg: FinetuneConfig, storage: Storage) -> bool:
     snapshot = join(cfg.checkpoint_uri, RUN_NAME, "checkpoint_manager_snapshot.json")
     existing = storage.exists(join(cfg.output, "run.json")) or storage.exists(snapshot)
     if existing and cfg.overwrite:
-        lease = join(cfg.output, LEASE_FILE)  # this run's own: held while it deletes
-        removed = 0
-        for uri in storage.list(cfg.output):
-            if uri != lease:
-                storage.delete(uri)
-                removed += 1
+        files = files_but_lease(storage, cfg.output)
+        for uri in files:
+            storage.delete(uri)
+        removed = len(files)
         if not cfg.checkpoint_uri.startswith(cfg.output.rstrip("/") + "/"):
             removed += storage.delete_prefix(cfg.checkpoint_uri)
         logger.info("--overwrite: removed %d files under %s", removed, cfg.output)

@@ -48,6 +48,12 @@ def check_run_id(run_id: str) -> None:
         raise ConfigError(f"--run-id = {run_id[:160]!r}: {problem}")
 
 
+def files_but_lease(storage: Storage, folder: str) -> list[str]:
+    """Every file under a run folder but its lease (which the run holds while it deletes the rest)."""
+    lease = join(folder, LEASE_FILE)
+    return [u for u in storage.list(folder) if u != lease]
+
+
 class RunLayout:
     """``{output}/{run_id}/``: images/, metadata/, errors/, stats/, run.json, summary.json, report.html.
 
@@ -71,7 +77,7 @@ class RunLayout:
 
     def files(self) -> list[str]:
         """Every file of the run but its lease."""
-        return [u for u in self.storage.list(self.uri) if u != self.lease_uri]
+        return files_but_lease(self.storage, self.uri)
 
     def exists(self) -> bool:
         return bool(self.files())

@@ -570,6 +570,29 @@ def add_gated_attention(unet, layout_channels: int = 0):
     return gated
 
 
+def set_attention_heads(unet, heads: int):
+    """Rebuild a UNet2DConditionModel with its attention split into ``heads`` heads, keeping every weight.
+
+    The projections' shapes do not depend on the head count, so the weights carry over as they are;
+    only how each attention layer splits its channels changes, which changes the outputs: fine-tune
+    after it. Fewer, wider heads are cheaper on CPU, where small heads leave the softmax over
+    tokens x tokens per head as the cost (diffusers names the head count ``attention_head_dim``).
+    """
+    from diffusers import UNet2DConditionModel
+
+    if heads < 1:
+        raise ValueError(f"attention heads must be >= 1, got {heads!r}")
+    if unet.config.attention_head_dim == heads:
+        return unet
+    for channels in unet.config.block_out_channels:
+        if channels % heads:
+            raise ValueError(f"attention heads {heads!r} do not divide the UNet's block width {channels}")
+    reshaped = UNet2DConditionModel.from_config(unet.config, attention_head_dim=heads)
+    reshaped.to(device=unet.device, dtype=unet.dtype)
+    reshaped.load_state_dict(unet.state_dict(), strict=True)
+    return reshaped
+
+
 def convert_conditioning(pipe: SceneGraphDiffusionPipeline, mode: str, layout_channels: int = 0) -> None:
     """Switch a pipeline to another conditioning mode in place, keeping every trained weight.
 

@@ -19,11 +19,17 @@ def load_base(settings: WorkerSettings, storage: Storage):
     """The pipeline to fine-tune: a scene-graph pipeline as saved, or SD + a fresh graph encoder/conditioner.
 
     A scene-graph base asked for another ``--conditioning`` is converted (new parts start neutral, see
-    :func:`sgmodel.pipeline.convert_conditioning`); with an image encoder, a graph encoder without a
+    :func:`sgmodel.pipeline.convert_conditioning`), and its attention re-split when asked for other
+    ``attention_heads``; with an image encoder, a graph encoder without a
     projection into its embedding space gets one. Seeded by the caller, so every rank builds
     identical new modules.
     """
-    from sgmodel.pipeline import SceneGraphDiffusionPipeline, add_graph_projection, convert_conditioning
+    from sgmodel.pipeline import (
+        SceneGraphDiffusionPipeline,
+        add_graph_projection,
+        convert_conditioning,
+        set_attention_heads,
+    )
     from workers.runtime import localize_model
 
     path = localize_model(settings.base, storage)
@@ -36,11 +42,14 @@ def load_base(settings: WorkerSettings, storage: Storage):
             convert_conditioning(pipe, settings.conditioning, settings.layout_channels)
         if projection_dim is not None:
             add_graph_projection(pipe, projection_dim)
-        return pipe
-    return SceneGraphDiffusionPipeline.from_stable_diffusion(
-        path, conditioning=settings.conditioning or "tokens", projection_dim=projection_dim,
-        layout_channels=settings.layout_channels if settings.conditioning == "gated" else 0, **settings.graph_sizes,
-    )
+    else:
+        pipe = SceneGraphDiffusionPipeline.from_stable_diffusion(
+            path, conditioning=settings.conditioning or "tokens", projection_dim=projection_dim,
+            layout_channels=settings.layout_channels if settings.conditioning == "gated" else 0, **settings.graph_sizes,
+        )
+    if settings.attention_heads is not None:
+        pipe.register_modules(unet=set_attention_heads(pipe.unet, settings.attention_heads))
+    return pipe
 
 
 def load_image_encoder_config(settings: WorkerSettings, storage: Storage):

@@ -52,6 +52,7 @@ class WorkerSettings:
     conditioning: str | None
     layout_channels: int
     """For Stable Diffusion bases: tokens | gated."""
+    attention_heads: int | None = None
     image_encoder: str | None
     train: Any
     """sgmodel.train.TrainConfig."""

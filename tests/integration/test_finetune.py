@@ -159,7 +159,7 @@ def test_a_second_run_of_a_busy_output_is_refused_even_with_overwrite(tiny_model
 def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, train_table, tmp_path, monkeypatch):
     out = tmp_path / "ft"
     cfg = config(str(train_table), tiny_model_dir, str(out), steps=20, checkpoint_every=5, trainable="unet",
-                 ema_decay=0.9)
+                 ema_decay=0.9, attention_heads=2)
     with monkeypatch.context() as patch:
         patch.setattr(train_loop, "train_loop_per_worker", crash_after_step_10)
         failed, code = run(cfg)
@@ -172,7 +172,7 @@ def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, 
     with pytest.raises(RunExistsError, match="--resume"):
         run(cfg)
     summary, code = run(config(str(train_table), tiny_model_dir, str(out), steps=20, checkpoint_every=5,
-                               trainable="unet", ema_decay=0.9, resume=True))
+                               trainable="unet", ema_decay=0.9, attention_heads=2, resume=True))
     assert code == 0, summary["error"]
     assert summary["resumed_from_step"] == 10 and summary["steps"] == 20
     lines = metrics(out)
@@ -195,6 +195,7 @@ def test_killed_run_resumes_from_its_checkpoint_step(local_ray, tiny_model_dir, 
         averaged = f.get_tensor(name)
     exported = SceneGraphDiffusionPipeline.from_pretrained(out, use_safetensors=True)
     assert torch.equal(exported.unet.conv_in.weight.detach(), averaged)
+    assert exported.unet.config.attention_head_dim == 2  # --attention-heads: the base's 4 heads re-split in 2
 
 
 def test_stable_diffusion_base_gets_a_graph_encoder_and_exports_a_latent_pipeline(

@@ -3,6 +3,7 @@ adaptation of the model, the export, the base-model inspection and the config's 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -10,10 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 from PIL import Image
 
 from jobs.config import ConfigError
-from jobs.finetune import FinetuneConfig, inspect_base
+from jobs.finetune import FinetuneConfig, inspect_base, run
 from sgmodel.graph import GRAPH_SCHEMA, graph_to_row
 from sgmodel.optim import EMA
 from sgmodel.pipeline import SceneGraphDiffusionPipeline
@@ -141,6 +143,30 @@ def test_export_puts_trained_weights_into_the_base_and_saves_gates_as_scalars(tm
     assert torch.equal(out.graph_encoder.global_out[0].weight, pipe.graph_encoder.global_out[0].weight)
 
 
+def test_export_splits_the_attention_into_the_heads_asked_for_and_keeps_every_weight(tmp_path):
+    base = tmp_path / "base"
+    build_pipeline("debug", VOCAB, conditioning="gated", seed=0).save_pretrained(base)
+    pipe = SceneGraphDiffusionPipeline.from_pretrained(base, use_safetensors=True)
+    assert pipe.unet.config.attention_head_dim == 4
+    settings = dataclasses.replace(settings_for(str(base), str(tmp_path / "out")), attention_heads=1)
+    export_pipeline(settings, {}, Storage())
+    out = SceneGraphDiffusionPipeline.from_pretrained(tmp_path / "out", use_safetensors=True)
+    assert out.unet.config.attention_head_dim == 1
+    assert {m.heads for m in out.unet.modules() if isinstance(m, Attention)} == {1}
+    base_weights = pipe.unet.state_dict()
+    assert all(torch.equal(w, base_weights[n]) for n, w in out.unet.state_dict().items())
+    graphs = [g for g, _ in iter_shapes_records(2, seed=1, size=16)]
+    kwargs = dict(num_inference_steps=2, seeds=[0, 1], output_type="np")
+    assert not np.array_equal(out(graphs, **kwargs).images, pipe(graphs, **kwargs).images)  # same weights, other split
+
+
+def test_attention_heads_must_divide_the_base_unets_widths(tmp_path):
+    base = tmp_path / "base"
+    build_pipeline("debug", VOCAB, seed=0).save_pretrained(base)
+    with pytest.raises(ConfigError, match=r"--attention-heads = 3: must divide each of the base UNet's block widths \[8, 16\]"):
+        run(FinetuneConfig(train="t.parquet", base=str(base), output=str(tmp_path / "out"), steps=1, attention_heads=3))
+
+
 def test_export_refuses_weights_the_base_does_not_have(tmp_path):
     base = tmp_path / "base"
     build_pipeline("debug", VOCAB, seed=0).save_pretrained(base)
@@ -217,6 +243,7 @@ def test_inspect_base_tells_scene_graph_from_stable_diffusion_folders(tmp_path):
         ({"steps": 5, "graph_dim": 0}, "--graph-dim = 0: must be >= 1"),
         ({"steps": 5, "graph_layers": 0}, "--graph-layers = 0: must be >= 1"),
         ({"steps": 5, "new_layers_lr": 0.0}, "--new-layers-lr = 0.0: must be > 0"),
+        ({"steps": 5, "attention_heads": 0}, "--attention-heads = 0: must be >= 1"),
     ],
 )
 def test_config_rejects_bad_flags_naming_flag_and_value(kwargs, message):

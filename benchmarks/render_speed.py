@@ -1,7 +1,7 @@
 """How fast does the pipeline render, against what this machine can do? Settings side by side.
 
     python benchmarks/render_speed.py [--model models/shapes-sg-diffusion] [--batch-size 16] [--batches 4]
-        [--steps 25] [--threads 2] [--skip-compile]
+        [--steps 25] [--threads 2] [--skip-compile] [--against DIR]
 
 The bare pipeline loop (what a generator actor runs: ``pipe(graphs, num_inference_steps=S,
 guidance_scale=3, seeds=..., output_type="np")``) on held-out shapes graphs, batch after batch,
@@ -19,7 +19,11 @@ once per setting, settings interleaved round by round so background load hits th
 - ``no SDPA``: diffusers' classic attention processor instead of PyTorch's scaled_dot_product_attention;
 - ``separate CFG``: conditional and unconditional passes as two UNet calls instead of one batch
   (the pipeline's ``separate_guidance_passes``; the job's ``--guidance-passes``);
-- ``separate CFG + compile + channels_last``: all three.
+- ``separate CFG + compile + channels_last``: all three;
+- with ``--against DIR``, another pipeline folder, eager and frozen-compiled, on the same graphs and
+  seeds: the same model reshaped and fine-tuned (e.g. ``jobs.finetune --attention-heads 1``) renders
+  other images, so its pixel difference is not reported; compare its quality with
+  ``benchmarks/shapes_quality.py --model DIR``.
 
 Prints images/s per setting and its ratio to ``default``, the largest pixel difference from the
 default's images (0-255; a setting is usable as a default only within ``--tolerance``), the model's
@@ -159,6 +163,33 @@ def settings(pipe: SceneGraphDiffusionPipeline, args) -> dict[str, tuple[Callabl
             pipe.unet = frozen
 
         out["compile, frozen + channels_last + separate CFG"] = (use_frozen_all, undo_all, nullcontext)
+    if args.against:
+        out.update(other_model_settings(pipe, args))
+    return out
+
+
+COMPONENTS = ("unet", "conditioner", "graph_encoder", "text_encoder", "tokenizer", "scheduler")
+
+
+def other_model_settings(pipe: SceneGraphDiffusionPipeline, args) -> dict:
+    """The ``--against`` pipeline's components swapped into ``pipe`` (eager, and frozen-compiled)."""
+    other = SceneGraphDiffusionPipeline.from_pretrained(args.against)
+    own = {name: getattr(pipe, name) for name in COMPONENTS}
+
+    def use(components, unet=None):
+        for name in COMPONENTS:
+            setattr(pipe, name, components[name])
+        if unet is not None:
+            pipe.unet = unet
+
+    def use_own():
+        use(own)
+
+    name = Path(args.against).name
+    out = {name: (lambda: use(other.components), use_own, nullcontext)}
+    if not args.skip_compile:
+        frozen = torch.compile(other.unet, options={"freezing": True})
+        out[f"{name}, compile, frozen"] = (lambda: use(other.components, frozen), use_own, nullcontext)
     return out
 
 
@@ -177,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tolerance", type=int, default=2, help="largest pixel difference a default may make")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--against", help="another pipeline folder to time on the same graphs (its images differ)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -207,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  batch {k + 1}/{len(batches)} done", file=sys.stderr, flush=True)
 
     measured = args.batch_size * args.batches
+    other_name = Path(args.against).name if args.against else "\0"
     base_rate = measured / seconds["default"]
     reference = np.concatenate(images["default"]).astype(np.int16)
     print(f"\n{measured} images per setting ({args.batches} batches of {args.batch_size}), {args.steps} steps with "
@@ -220,17 +253,21 @@ def main(argv: list[str] | None = None) -> dict:
                "time_shares": dict(shares), "settings": {}}
     for name in variants:
         rate = measured / seconds[name]
-        per_image = np.abs(np.concatenate(images[name]).astype(np.int16) - reference).reshape(measured, -1).max(1)
-        diff, within = int(per_image.max()), float((per_image <= args.tolerance).mean())
         achieved = rate * flops / 1e9
         figures["settings"][name] = {"images_per_s": rate, "ratio": rate / base_rate, "gflops": achieved,
-                                     "fraction_of_peak": achieved / peak, "max_pixel_diff": diff, "images_within": within,
-                                     "first_batch_s": warmup[name]}
-        print(f"| {name} | {rate:.2f} | {rate / base_rate:.2f}x | {achieved:.0f} | {achieved / peak:.0%} | {diff} | "
-              f"{within:.0%} | {warmup[name]:.1f} |")
+                                     "fraction_of_peak": achieved / peak, "first_batch_s": warmup[name]}
+        if name.startswith(other_name):  # another model's images: its quality is shapes_quality's to measure
+            diff_cells = "other model | - "
+        else:
+            per_image = np.abs(np.concatenate(images[name]).astype(np.int16) - reference).reshape(measured, -1).max(1)
+            diff, within = int(per_image.max()), float((per_image <= args.tolerance).mean())
+            figures["settings"][name].update(max_pixel_diff=diff, images_within=within)
+            diff_cells = f"{diff} | {within:.0%}"
+        print(f"| {name} | {rate:.2f} | {rate / base_rate:.2f}x | {achieved:.0f} | {achieved / peak:.0%} | {diff_cells} "
+              f"| {warmup[name]:.1f} |")
     if "bf16" not in variants:
         print("bf16: skipped, this CPU has no native bf16 (autocast would emulate it)")
-    usable = [n for n, f in figures["settings"].items() if f["max_pixel_diff"] <= args.tolerance]
+    usable = [n for n, f in figures["settings"].items() if f.get("max_pixel_diff", args.tolerance + 1) <= args.tolerance]
     best = max(usable, key=lambda n: figures["settings"][n]["images_per_s"])
     print(f"fastest within {args.tolerance} of the default's pixels: {best}")
     return figures

@@ -48,7 +48,7 @@ from jobs.defaults import DEMO_MODEL, resolve
 from jobs.lease import DEFAULT_TIMEOUT, RunLease
 from jobs.preflight import check_before_start
 from jobs.runs import LEASE_FILE, discover_inputs, files_but_lease, input_columns, parquet_paths
-from sgmodel.pipeline import pipeline_class_name
+from sgmodel.pipeline import pipeline_class_name, widths_heads_do_not_divide
 from sgmodel.train import TrainConfig
 from workers.storage import Storage, is_s3, join, split_s3
 
@@ -396,15 +396,15 @@ def run(cfg: FinetuneConfig) -> tuple[dict, int]:
     base_kind, model_size = inspect_base(storage, cfg.base)
     require(not (base_kind == "stable_diffusion" and cfg.conditioning == "caption"), "conditioning", cfg.conditioning,
             "a Stable Diffusion base is text-conditioned already; caption mode converts scene-graph bases")
+    unet = read_model_config(storage, cfg.base, "unet/config.json") or {}
     if cfg.new_layers_lr is not None and cfg.conditioning not in ("gated", "caption"):
-        unet = read_model_config(storage, cfg.base, "unet/config.json") or {}
         require(cfg.conditioning == "auto" and unet.get("attention_type") == "gated", "new_layers_lr",
                 cfg.new_layers_lr, "trains the layers a conversion adds: give --conditioning gated or caption "
                 "(or a gated --base)")
     if cfg.attention_heads is not None:
-        widths = (read_model_config(storage, cfg.base, "unet/config.json") or {}).get("block_out_channels", [])
-        require(all(w % cfg.attention_heads == 0 for w in widths), "attention_heads", cfg.attention_heads,
-                f"must divide each of the base UNet's block widths {list(widths)}")
+        widths = list(unet.get("block_out_channels", []))
+        require(not widths_heads_do_not_divide(widths, cfg.attention_heads), "attention_heads", cfg.attention_heads,
+                f"must divide each of the base UNet's block widths {widths}")
     if base_kind == "scene_graph" and cfg.image_encoder and cfg.lambda_recon < 1.0:
         logger.info("alignment losses on a scene-graph base need its graph encoder to have a projection")
     if base_kind == "scene_graph" and cfg.graph_sizes():

@@ -570,6 +570,11 @@ def add_gated_attention(unet, layout_channels: int = 0):
     return gated
 
 
+def widths_heads_do_not_divide(block_widths: Sequence[int], heads: int) -> list[int]:
+    """The UNet block widths that ``heads`` attention heads cannot split evenly."""
+    return [w for w in block_widths if w % heads]
+
+
 def set_attention_heads(unet, heads: int):
     """Rebuild a UNet2DConditionModel with its attention split into ``heads`` heads, keeping every weight.
 
@@ -584,9 +589,8 @@ def set_attention_heads(unet, heads: int):
         raise ValueError(f"attention heads must be >= 1, got {heads!r}")
     if unet.config.attention_head_dim == heads:
         return unet
-    for channels in unet.config.block_out_channels:
-        if channels % heads:
-            raise ValueError(f"attention heads {heads!r} do not divide the UNet's block width {channels}")
+    if misfit := widths_heads_do_not_divide(unet.config.block_out_channels, heads):
+        raise ValueError(f"attention heads {heads!r} do not divide the UNet's block width {misfit[0]}")
     reshaped = UNet2DConditionModel.from_config(unet.config, attention_head_dim=heads)
     reshaped.to(device=unet.device, dtype=unet.dtype)
     reshaped.load_state_dict(unet.state_dict(), strict=True)
